@@ -1,0 +1,74 @@
+"""Defaults shared by the files in configs/: each recipe starts from `base_config()`."""
+
+import ml_collections
+from ml_collections import config_dict
+
+from mim_jax.data.pipeline import default_data_config
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every key a pre-training config has, with MAE ViT-Tiny's ImageNet-1K values."""
+  config = ml_collections.ConfigDict()
+  config.task = "mae"
+  config.seed = 0
+
+  # Length: set total_steps, or leave it unset and set total_epochs (the other is derived).
+  config.batch_size = 4096  # global, over all processes and devices
+  config.total_steps = config_dict.placeholder(int)
+  config.total_epochs = 400.0
+  config.warmup_steps = config_dict.placeholder(int)
+  config.warmup_epochs = 40.0
+
+  config.image_size = 224
+  config.mask_ratio = 0.75
+  config.norm_pix_loss = True
+
+  config.model = ml_collections.ConfigDict(dict(
+      variant="tiny",  # tiny | small | base | large; width/depth/num_heads override it
+      patch_size=16,
+      width=config_dict.placeholder(int),
+      depth=config_dict.placeholder(int),
+      num_heads=config_dict.placeholder(int),
+      mlp_ratio=4.0,
+      dtype="float32",
+      decoder=dict(width=96, depth=1, num_heads=3),
+  ))
+  config.optimizer = ml_collections.ConfigDict(dict(
+      base_lr=1.5e-4,  # lr = base_lr * batch_size / 256
+      end_lr=0.0,
+      b1=0.9,
+      b2=0.95,
+      weight_decay=0.05,
+  ))
+  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, fsdp_min_size=2**14))
+
+  config.data = default_data_config()
+  config.data.kind = "tfds"
+  config.data.name = "imagenet2012"
+  config.data.crop_scale = (0.08, 1.0)
+
+  config.log_every = 100
+  config.checkpoint_every = 1000
+  config.keep_checkpoints = 3
+  config.image_every = 5000  # reconstruction PNG every N steps (and at the end); 0 = never
+  return config
+
+
+def demo_overrides(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Shrinks a recipe to the embedded demo dataset and a laptop-CPU size."""
+  config.data.kind = "demo"
+  config.data.name = "mim_jax_demo"
+  config.data.crop_scale = (0.2, 1.0)
+  config.image_size = 64
+  config.model.patch_size = 8
+  config.batch_size = 32
+  config.total_epochs = 0.0
+  config.total_steps = 200
+  config.warmup_epochs = 0.0
+  config.warmup_steps = 20
+  config.optimizer.base_lr = 1.5e-4 * 8
+  config.log_every = 20
+  config.checkpoint_every = 100
+  config.keep_checkpoints = 2
+  config.image_every = 100
+  return config

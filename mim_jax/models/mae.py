@@ -1,0 +1,58 @@
+"""MAE: the ViT encoder on visible patches plus a light pixel-reconstruction decoder."""
+
+from typing import Any, Sequence
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mim_jax.models import posembed
+from mim_jax.models.vit import Block, VisionTransformer, dense_init, layer_norm, token_init
+
+
+class MAEDecoder(nn.Module):
+  """Decoder of method.md §2.4: embed, append mask tokens, unshuffle, blocks, predict.
+
+  Parameter names map to the MAE reference as `embed`->`decoder_embed`,
+  `blocks_i`->`decoder_blocks.i`, `norm`->`decoder_norm`, `pred`->`decoder_pred`.
+  """
+  patch_size: int = 16
+  width: int = 96
+  depth: int = 1
+  num_heads: int = 3
+  mlp_ratio: float = 4.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, latent: jax.Array, ids_restore: jax.Array) -> jax.Array:
+    """latent (B, 1 + K, d_enc) with cls first; ids_restore (B, L) -> (B, L, p*p*3)."""
+    batch, num_tokens, _ = latent.shape
+    num_patches = ids_restore.shape[1]
+    grid = int(round(num_patches**0.5))
+    chex.assert_equal(grid * grid, num_patches)
+    x = nn.Dense(self.width, kernel_init=dense_init, dtype=self.dtype, name="embed")(latent)
+    mask_token = self.param("mask_token", token_init, (1, 1, self.width)).astype(x.dtype)
+    masked = jnp.broadcast_to(mask_token, (batch, num_patches + 1 - num_tokens, self.width))
+    patches = jnp.concatenate([x[:, 1:], masked], axis=1)
+    patches = jnp.take_along_axis(patches, ids_restore[..., None], axis=1)
+    x = jnp.concatenate([x[:, :1], patches], axis=1)
+    x = x + jnp.asarray(posembed.sincos_2d(self.width, grid, cls_token=True), x.dtype)[None]
+    for i in range(self.depth):
+      x, _, _ = Block(self.num_heads, self.mlp_ratio, self.dtype, name=f"blocks_{i}")(x)
+    x = layer_norm("norm", self.dtype)(x)
+    x = nn.Dense(self.patch_size**2 * 3, kernel_init=dense_init, dtype=self.dtype,
+                 name="pred")(x)
+    return x[:, 1:]
+
+
+class MaskedAutoencoder(nn.Module):
+  """Encoder (on the kept patches) + decoder; params {'encoder': ..., 'decoder': ...}."""
+  encoder: VisionTransformer
+  decoder: MAEDecoder
+
+  def __call__(self, images: jax.Array, ids_keep: jax.Array, ids_restore: jax.Array,
+               capture_layers: Sequence[int] = ()) -> tuple[jax.Array, dict[str, Any]]:
+    """Returns the per-patch pixel prediction (B, L, p*p*3) and the encoder outputs."""
+    encoded = self.encoder(images, ids_keep=ids_keep, capture_layers=capture_layers)
+    return self.decoder(encoded["tokens"], ids_restore), encoded

@@ -1,0 +1,1 @@
+"""Losses as plain jnp functions (no modules, no training state)."""

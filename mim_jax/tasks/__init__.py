@@ -1,0 +1,1 @@
+"""Jobs: each module turns a config into a model, pure loss/step functions and figures."""

@@ -1,0 +1,143 @@
+"""MAE pre-training: the model from a config and the pure loss function of one batch.
+
+`mae_loss_terms` is the public entry point for checking numbers against the
+PyTorch reference: given params, normalised images and the masking noise it
+returns exactly the loss the training step minimises.
+"""
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from mim_jax import masking
+from mim_jax.errors import ConfigError
+from mim_jax.models.mae import MAEDecoder, MaskedAutoencoder
+from mim_jax.models.vit import VARIANTS, VisionTransformer, encoder_kwargs
+from mim_jax.objectives import reconstruction
+
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+
+
+def normalize_images(images: jax.Array) -> jax.Array:
+  """uint8 (B, H, W, 3) -> float32 normalised with the ImageNet mean and std."""
+  return (images.astype(jnp.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
+
+
+def denormalize_images(images: jax.Array) -> jax.Array:
+  """Inverse of `normalize_images`, clipped to [0, 1]."""
+  return jnp.clip(images * IMAGENET_STD + IMAGENET_MEAN, 0.0, 1.0)
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Rejects values that cannot work, before anything is built or written."""
+  model = config.model
+  if model.variant and model.variant not in VARIANTS:
+    raise ConfigError(f"model.variant={model.variant!r} is unknown; choose from "
+                      f"{sorted(VARIANTS)} (or set model.width/depth/num_heads)")
+  enc = encoder_kwargs(model.variant, width=model.width, depth=model.depth,
+                       num_heads=model.num_heads)
+  for key in ("width", "depth", "num_heads"):
+    if key not in enc:
+      raise ConfigError(f"model.{key} is not set and model.variant is empty")
+  if config.image_size % model.patch_size:
+    raise ConfigError(f"image_size={config.image_size} is not divisible by "
+                      f"model.patch_size={model.patch_size}")
+  if not 0.0 < config.mask_ratio < 1.0:
+    raise ConfigError(f"mask_ratio={config.mask_ratio} must be in (0, 1)")
+  if masking.num_kept((config.image_size // model.patch_size)**2, config.mask_ratio) < 1:
+    raise ConfigError(f"mask_ratio={config.mask_ratio} keeps no patch at image_size="
+                      f"{config.image_size}, patch_size={model.patch_size}")
+  if enc["width"] % enc["num_heads"]:
+    raise ConfigError(f"model width {enc['width']} is not divisible by num_heads "
+                      f"{enc['num_heads']}")
+  if model.decoder.width % model.decoder.num_heads:
+    raise ConfigError(f"model.decoder.width={model.decoder.width} is not divisible by "
+                      f"model.decoder.num_heads={model.decoder.num_heads}")
+  if model.decoder.width % 4 or enc["width"] % 4:
+    raise ConfigError("encoder and decoder widths must be divisible by 4 (2-D sin-cos "
+                      "position embedding)")
+
+
+def build_mae(model_config: ml_collections.ConfigDict) -> MaskedAutoencoder:
+  dtype = jnp.dtype(model_config.dtype)
+  encoder = VisionTransformer(
+      patch_size=model_config.patch_size, mlp_ratio=model_config.mlp_ratio, dtype=dtype,
+      **encoder_kwargs(model_config.variant, width=model_config.width,
+                       depth=model_config.depth, num_heads=model_config.num_heads))
+  decoder = MAEDecoder(patch_size=model_config.patch_size, width=model_config.decoder.width,
+                       depth=model_config.decoder.depth,
+                       num_heads=model_config.decoder.num_heads,
+                       mlp_ratio=model_config.mlp_ratio, dtype=dtype)
+  return MaskedAutoencoder(encoder=encoder, decoder=decoder)
+
+
+def mae_loss_terms(model: MaskedAutoencoder, params: Any, images: jax.Array,
+                   noise: jax.Array, *, mask_ratio: float = 0.75,
+                   norm_pix_loss: bool = True) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """MAE loss for normalised `images` (B, H, W, 3) and masking `noise` (B, L).
+
+  Returns (loss, outputs) with outputs 'pred' (B, L, p*p*3), 'mask' (B, L) and
+  'target' (the patchified images, before norm-pix).
+  """
+  mask = masking.mask_from_noise(noise, mask_ratio)
+  pred, _ = model.apply({"params": params}, images, mask.ids_keep, mask.ids_restore)
+  target = reconstruction.patchify(images, model.encoder.patch_size)
+  loss = reconstruction.mae_loss(pred, target, mask.mask, norm_pix_loss)
+  return loss, {"pred": pred, "mask": mask.mask, "target": target}
+
+
+class MaePretrainTask:
+  """Plain MAE: what the trainer needs to know about the model, and nothing more."""
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    validate_config(config)
+    self.config = config
+    self.model = build_mae(config.model)
+    self.patch_size = config.model.patch_size
+    self.num_patches = (config.image_size // self.patch_size)**2
+
+  def init_params(self, rng: jax.Array) -> Any:
+    images = jnp.zeros((1, self.config.image_size, self.config.image_size, 3), jnp.float32)
+    mask = masking.mask_from_noise(jnp.zeros((1, self.num_patches)), self.config.mask_ratio)
+    return self.model.init(rng, images, mask.ids_keep, mask.ids_restore)["params"]
+
+  def masking_noise(self, rng: jax.Array, batch_size: int) -> jax.Array:
+    return jax.random.uniform(rng, (batch_size, self.num_patches))
+
+  def loss_fn(self, params: Any, batch: dict[str, jax.Array],
+              rng: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Pure: (params, uint8 batch, step rng) -> (loss, named loss terms)."""
+    images = normalize_images(batch["image"])
+    noise = self.masking_noise(rng, images.shape[0])
+    loss, _ = mae_loss_terms(self.model, params, images, noise,
+                             mask_ratio=self.config.mask_ratio,
+                             norm_pix_loss=self.config.norm_pix_loss)
+    return loss, {"loss_rec": loss}
+
+  def reconstruct(self, params: Any, images_uint8: jax.Array,
+                  rng: jax.Array) -> dict[str, jax.Array]:
+    """Original / masked / reconstructed images in [0, 1] for the figure.
+
+    With norm-pix loss the prediction is mapped back to pixels with each patch's
+    own mean and std, as the MAE visualisation does.
+    """
+    images = normalize_images(images_uint8)
+    noise = self.masking_noise(rng, images.shape[0])
+    _, out = mae_loss_terms(self.model, params, images, noise,
+                            mask_ratio=self.config.mask_ratio,
+                            norm_pix_loss=self.config.norm_pix_loss)
+    pred, target, mask = out["pred"], out["target"], out["mask"][..., None]
+    if self.config.norm_pix_loss:
+      mean = target.mean(-1, keepdims=True)
+      std = jnp.sqrt(target.var(-1, keepdims=True, ddof=1) + 1e-6)
+      pred = pred * std + mean
+    unpatch = lambda x: denormalize_images(reconstruction.unpatchify(x, self.patch_size))
+    return {
+        "original": unpatch(target),
+        "masked": unpatch(target * (1 - mask)),
+        "reconstruction": unpatch(pred * mask + target * (1 - mask)),
+    }

@@ -1,0 +1,1 @@
+"""Running steps: optimiser, sharding, checkpoints, metrics and the training loop."""

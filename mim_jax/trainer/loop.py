@@ -1,0 +1,232 @@
+"""The training loop, top to bottom: set up, init or resume, iterate, log, checkpoint.
+
+The loop knows no model: a *task* supplies `init_params(rng)`, the pure
+`loss_fn(params, batch, rng) -> (loss, terms)` and, optionally,
+`reconstruct(params, images, rng)` for the figure.
+"""
+
+import math
+import os
+import signal
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+
+from mim_jax.data import pipeline
+from mim_jax.errors import ConfigError, TrainingDivergedError
+from mim_jax.trainer import checkpoint, figures, metrics, optim, sharding
+from mim_jax.trainer.tree import count_params
+
+FIGURE_EXAMPLES = 8
+
+
+# ----------------------------------------------------------------------------
+# Schedule arithmetic
+# ----------------------------------------------------------------------------
+def resolve_steps(config: ml_collections.ConfigDict, num_train_examples: int) -> tuple[int, int]:
+  """(total_steps, warmup_steps) from steps or epochs, whichever the config sets."""
+  steps_per_epoch = max(num_train_examples // config.batch_size, 1)
+  total = config.total_steps or int(round(config.total_epochs * steps_per_epoch))
+  if total < 1:
+    raise ConfigError("set total_steps or total_epochs to a positive value")
+  if config.warmup_steps is not None:
+    warmup = config.warmup_steps
+  else:
+    warmup = int(round(config.warmup_epochs * steps_per_epoch))
+  return total, min(warmup, total)
+
+
+def make_optimizer(config: ml_collections.ConfigDict, params: Any, total_steps: int,
+                   warmup_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  opt = config.optimizer
+  peak = optim.scaled_learning_rate(opt.base_lr, config.batch_size)
+  schedule = optim.warmup_cosine(peak, warmup_steps, total_steps, opt.end_lr)
+  tx = optim.adamw(schedule, b1=opt.b1, b2=opt.b2, weight_decay=opt.weight_decay,
+                   decay_mask=optim.weight_decay_mask(params))
+  return tx, schedule
+
+
+# ----------------------------------------------------------------------------
+# The step
+# ----------------------------------------------------------------------------
+def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation,
+                    schedule: optax.Schedule) -> Callable:
+  """state, batch -> state, metrics. Pure; the step's rng is fold_in(state rng, step)."""
+
+  def train_step(state: dict[str, Any], batch: dict[str, jax.Array]):
+    step_rng = jax.random.fold_in(state["rng"], state["step"])
+    (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state["params"], batch, step_rng)
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1,
+                 "rng": state["rng"]}
+    return new_state, {"loss": loss, **terms, "lr": schedule(state["step"])}
+
+  return train_step
+
+
+# ----------------------------------------------------------------------------
+# Preemption
+# ----------------------------------------------------------------------------
+class PreemptionWatcher:
+  """Turns SIGTERM (TPU maintenance / preemption) into a flag the loop checks."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread (e.g. some notebook runners): no handler
+      pass
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def close(self):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+# ----------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------
+def train(config: ml_collections.ConfigDict, workdir: str, task: Any) -> dict[str, float]:
+  """Trains `task` as `config` says, in `workdir`; resumes from its latest checkpoint.
+
+  Returns the last logged metrics.
+  """
+  primary = jax.process_index() == 0
+
+  # --- Mesh and data -------------------------------------------------------
+  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+  sharding.check_batch_size(config.batch_size, mesh)
+  loader = pipeline.make_train_loader(
+      config.data, global_batch_size=config.batch_size, seed=config.seed,
+      image_size=config.image_size, process_index=jax.process_index(),
+      process_count=jax.process_count())
+  total_steps, warmup_steps = resolve_steps(config, loader.num_records)
+  data_iter = iter(loader)
+
+  # --- State: abstract shapes -> shardings -> init directly sharded ----------
+  init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+  abstract_params = jax.eval_shape(task.init_params, init_rng)
+  tx, schedule = make_optimizer(config, abstract_params, total_steps, warmup_steps)
+
+  def init_state(rng: jax.Array) -> dict[str, Any]:
+    params = task.init_params(rng)
+    return {"params": params, "opt_state": tx.init(params),
+            "step": jnp.zeros((), jnp.int32), "rng": train_rng}
+
+  abstract_state = jax.eval_shape(init_state, init_rng)
+  state_shardings = sharding.tree_shardings(abstract_state, mesh,
+                                            fsdp_min_size=config.mesh.fsdp_min_size)
+  abstract_state = jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+      abstract_state, state_shardings)
+
+  # --- Init or resume --------------------------------------------------------
+  ckpt = checkpoint.Checkpointer(workdir, config.keep_checkpoints)
+  latest = ckpt.latest_step()
+  if latest is not None:
+    state, _ = ckpt.restore(latest, abstract_state, data_iter)
+    logging.info("Resumed from step %d in %s", latest, ckpt.directory)
+  else:
+    state = jax.jit(init_state, out_shardings=state_shardings)(init_rng)
+  start_step = int(jax.device_get(state["step"]))
+  logging.info("Model: %s parameters | mesh %s | global batch %d | %d steps (%d warm-up), "
+               "%d train examples", f"{count_params(abstract_params):,}", dict(mesh.shape),
+               config.batch_size, total_steps, warmup_steps, loader.num_records)
+
+  train_step = jax.jit(
+      make_train_step(task.loss_fn, tx, schedule),
+      in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+      out_shardings=(state_shardings, sharding.replicated(mesh)),
+      donate_argnums=(0,))
+
+  figure_images = None
+  if config.image_every and primary and hasattr(task, "reconstruct"):
+    figure_images = pipeline.first_images(config.data, FIGURE_EXAMPLES,
+                                          image_size=config.image_size, seed=config.seed)
+
+  reconstruct = jax.jit(task.reconstruct) if figure_images is not None else None
+
+  def write_figure(step: int) -> None:
+    if reconstruct is None:
+      return
+    views = jax.device_get(reconstruct(state["params"], jnp.asarray(figure_images),
+                                       jax.random.PRNGKey(config.seed)))
+    path = os.path.join(workdir, "reconstructions", f"step_{step:08d}.png")
+    figures.save_image_grid(views, path, title=f"step {step}")
+    logging.info("Wrote %s", path)
+
+  writer = metrics.MetricWriter(workdir, total_steps, primary=primary)
+  throughput = metrics.Throughput(start_step, config.batch_size)
+  preemption = PreemptionWatcher()
+  pending: list[tuple[int, dict[str, jax.Array]]] = []
+  last_scalars: dict[str, float] = {}
+
+  def drain_metrics() -> dict[str, float]:
+    """Fetches the metrics of the steps since the last call; stops on NaN/Inf."""
+    if not pending:
+      return {}
+    fetched = jax.device_get([m for _, m in pending])
+    steps = [s for s, _ in pending]
+    pending.clear()
+    for step, values in zip(steps, fetched):
+      if not math.isfinite(float(values["loss"])):
+        ckpt.wait()
+        good = ckpt.latest_step()
+        where = (f"the last good checkpoint is step {good} in {ckpt.directory}"
+                 if good is not None else "no checkpoint was written")
+        raise TrainingDivergedError(
+            f"loss became {float(values['loss'])} at step {step}; stopped without saving "
+            f"({where}); lower optimizer.base_lr or check the data")
+    averaged = {k: float(np.mean([v[k] for v in fetched])) for k in fetched[-1] if k != "lr"}
+    averaged["lr"] = float(fetched[-1]["lr"])
+    return averaged
+
+  # --- Train -----------------------------------------------------------------
+  if start_step >= total_steps:
+    logging.info("Nothing to do: step %d of %d already reached in %s", start_step,
+                 total_steps, workdir)
+  step = start_step
+  try:
+    while step < total_steps:
+      batch = sharding.global_batch(next(data_iter), mesh)
+      state, step_metrics = train_step(state, batch)
+      step += 1
+      pending.append((step, step_metrics))
+      if step == start_step + 1:
+        logging.info("First step compiled and ran (%.1f s since start of loop)",
+                     time.perf_counter() - throughput.last_time)
+
+      final = step == total_steps
+      if step % config.log_every == 0 or final or preemption.requested:
+        scalars = drain_metrics()
+        scalars.update(throughput.update(step))
+        metrics.log_line(step, total_steps, scalars)
+        writer.write(step, scalars)
+        last_scalars = scalars
+      if step % config.checkpoint_every == 0 or final or preemption.requested:
+        drain_metrics()
+        ckpt.save(step, state, data_iter, {"step": step, "config": config.to_json()})
+      if config.image_every and (step % config.image_every == 0 or final):
+        write_figure(step)
+      if preemption.requested:
+        ckpt.wait()
+        logging.warning("SIGTERM received: saved step %d in %s; exiting cleanly", step,
+                        ckpt.directory)
+        break
+  finally:
+    ckpt.close()
+    writer.close()
+    preemption.close()
+  return last_scalars

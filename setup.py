@@ -1,0 +1,42 @@
+"""mim_jax: masked-image-modeling pre-training of lightweight ViTs in JAX/Flax.
+
+No version pins: the runtime works with the JAX that installs on Python 3.11
+(0.10.x) and newer releases. torch/timm live only in the `torch` extra, for the
+PyTorch converter and its tests; `torch==2.14.1` with `torchvision==0.29.1` is
+the pairing that imports cleanly on CPU-only machines without pulling CUDA.
+"""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="mim_jax",
+    version="0.1.0",
+    description="MAE / D-MAE / D2-MAE pre-training of lightweight ViTs in JAX/Flax",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["mim_jax", "mim_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax",
+        "flax",
+        "optax",
+        "orbax-checkpoint",
+        "tensorflow-datasets",
+        "array-record",
+        "ml-collections",
+        "grain",
+        "chex",
+        "numpy",
+        "pillow",
+        "matplotlib",
+        "tensorboardX",
+        "absl-py",
+        "etils[epath]",
+    ],
+    extras_require={
+        # Real photographs for the embedded demo dataset ship inside these wheels.
+        "demo": ["scikit-image", "scikit-learn"],
+        "test": ["pytest", "scikit-image", "scikit-learn"],
+        "torch": ["torch==2.14.1", "torchvision==0.29.1", "timm", "safetensors"],
+    },
+)
