@@ -11,8 +11,21 @@ from mim_jax.errors import UserError
 USER_ERRORS = (UserError, DataError)
 
 
+class _HideLibraryChatter(logging.logging.Filter):
+  """Drops orbax's and TFDS's INFO records (dozens per checkpoint); warnings stay."""
+
+  def filter(self, record):
+    noisy = any(f"/{lib}/" in record.pathname for lib in ("orbax", "tensorflow_datasets"))
+    return record.levelno >= logging.logging.WARNING or not noisy
+
+
+def quiet_library_logs() -> None:
+  logging.get_absl_logger().addFilter(_HideLibraryChatter())
+
+
 def run_reporting_user_errors(main: Callable[[], object]) -> None:
   """Runs `main`; a user mistake exits with status 2 and one line on stderr, no trace."""
+  quiet_library_logs()
   try:
     main()
   except USER_ERRORS as error:

@@ -3,7 +3,7 @@
 import ml_collections
 from ml_collections import config_dict
 
-from mim_jax.data.pipeline import default_data_config
+from mim_jax.data.sources import default_data_config
 
 
 def base_config() -> ml_collections.ConfigDict:

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mim_jax import masking
+from mim_jax import flops, masking
 from mim_jax.errors import ConfigError
 from mim_jax.models.mae import MAEDecoder, MaskedAutoencoder
 from mim_jax.models.vit import VARIANTS, VisionTransformer, encoder_kwargs
@@ -93,6 +93,8 @@ def mae_loss_terms(model: MaskedAutoencoder, params: Any, images: jax.Array,
 class MaePretrainTask:
   """Plain MAE: what the trainer needs to know about the model, and nothing more."""
 
+  figure_columns = ("original", "masked", "reconstruction")
+
   def __init__(self, config: ml_collections.ConfigDict):
     validate_config(config)
     self.config = config
@@ -104,6 +106,13 @@ class MaePretrainTask:
     images = jnp.zeros((1, self.config.image_size, self.config.image_size, 3), jnp.float32)
     mask = masking.mask_from_noise(jnp.zeros((1, self.num_patches)), self.config.mask_ratio)
     return self.model.init(rng, images, mask.ids_keep, mask.ids_restore)["params"]
+
+  def train_flops_per_image(self) -> float:
+    """Analytic matmul FLOPs of one training example (forward + backward)."""
+    enc, dec = self.model.encoder, self.model.decoder
+    kept = masking.num_kept(self.num_patches, self.config.mask_ratio)
+    return flops.mae_train_flops_per_image(self.num_patches, kept, self.patch_size, enc.width,
+                                           enc.depth, dec.width, dec.depth, enc.mlp_ratio)
 
   def masking_noise(self, rng: jax.Array, batch_size: int) -> jax.Array:
     return jax.random.uniform(rng, (batch_size, self.num_patches))

@@ -17,8 +17,10 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
+from jax.sharding import Mesh
 
 from mim_jax.data import pipeline
+from mim_jax.data.sources import DataError
 from mim_jax.errors import ConfigError, TrainingDivergedError
 from mim_jax.trainer import checkpoint, figures, metrics, optim, sharding
 from mim_jax.trainer.tree import count_params
@@ -72,6 +74,48 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation,
   return train_step
 
 
+def prepare_state(task: Any, tx: optax.GradientTransformation,
+                  config: ml_collections.ConfigDict, mesh: Mesh):
+  """(abstract state with shardings, shardings, init) for {params, opt_state, step, rng}.
+
+  `init()` builds the state directly sharded: each device only ever holds its shard.
+  """
+  init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+
+  def init_state(rng: jax.Array) -> dict[str, Any]:
+    params = task.init_params(rng)
+    return {"params": params, "opt_state": tx.init(params),
+            "step": jnp.zeros((), jnp.int32), "rng": train_rng}
+
+  abstract = jax.eval_shape(init_state, init_rng)
+  shardings = sharding.tree_shardings(abstract, mesh, fsdp_min_size=config.mesh.fsdp_min_size)
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract, shardings)
+  return abstract, shardings, lambda: jax.jit(init_state, out_shardings=shardings)(init_rng)
+
+
+def jit_train_step(task: Any, tx: optax.GradientTransformation, schedule: optax.Schedule,
+                   state_shardings: Any, mesh: Mesh) -> Callable:
+  """The jitted step: state donated, batch split over the mesh, metrics replicated."""
+  return jax.jit(make_train_step(task.loss_fn, tx, schedule),
+                 in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+                 out_shardings=(state_shardings, sharding.replicated(mesh)),
+                 donate_argnums=(0,))
+
+
+def figure_examples(config: ml_collections.ConfigDict) -> np.ndarray:
+  """The same few centre-cropped images at every figure: the eval split's first ones."""
+  try:
+    loader = pipeline.make_eval_loader(config.data, global_batch_size=FIGURE_EXAMPLES,
+                                       image_size=config.image_size, worker_count=0)
+  except DataError:  # no evaluation split: the training split, read in order
+    loader = pipeline.make_eval_loader(config.data, global_batch_size=FIGURE_EXAMPLES,
+                                       image_size=config.image_size, worker_count=0,
+                                       split=config.data.split)
+  batch = next(iter(loader))
+  return batch["image"][batch["mask"]]
+
+
 # ----------------------------------------------------------------------------
 # Preemption
 # ----------------------------------------------------------------------------
@@ -116,21 +160,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Any) -> dict[st
   data_iter = iter(loader)
 
   # --- State: abstract shapes -> shardings -> init directly sharded ----------
-  init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
-  abstract_params = jax.eval_shape(task.init_params, init_rng)
+  abstract_params = jax.eval_shape(task.init_params, jax.random.PRNGKey(0))
   tx, schedule = make_optimizer(config, abstract_params, total_steps, warmup_steps)
-
-  def init_state(rng: jax.Array) -> dict[str, Any]:
-    params = task.init_params(rng)
-    return {"params": params, "opt_state": tx.init(params),
-            "step": jnp.zeros((), jnp.int32), "rng": train_rng}
-
-  abstract_state = jax.eval_shape(init_state, init_rng)
-  state_shardings = sharding.tree_shardings(abstract_state, mesh,
-                                            fsdp_min_size=config.mesh.fsdp_min_size)
-  abstract_state = jax.tree.map(
-      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-      abstract_state, state_shardings)
+  abstract_state, state_shardings, init_state = prepare_state(task, tx, config, mesh)
 
   # --- Init or resume --------------------------------------------------------
   ckpt = checkpoint.Checkpointer(workdir, config.keep_checkpoints)
@@ -139,22 +171,17 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Any) -> dict[st
     state, _ = ckpt.restore(latest, abstract_state, data_iter)
     logging.info("Resumed from step %d in %s", latest, ckpt.directory)
   else:
-    state = jax.jit(init_state, out_shardings=state_shardings)(init_rng)
+    state = init_state()
   start_step = int(jax.device_get(state["step"]))
   logging.info("Model: %s parameters | mesh %s | global batch %d | %d steps (%d warm-up), "
                "%d train examples", f"{count_params(abstract_params):,}", dict(mesh.shape),
                config.batch_size, total_steps, warmup_steps, loader.num_records)
 
-  train_step = jax.jit(
-      make_train_step(task.loss_fn, tx, schedule),
-      in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
-      out_shardings=(state_shardings, sharding.replicated(mesh)),
-      donate_argnums=(0,))
+  train_step = jit_train_step(task, tx, schedule, state_shardings, mesh)
 
   figure_images = None
   if config.image_every and primary and hasattr(task, "reconstruct"):
-    figure_images = pipeline.first_images(config.data, FIGURE_EXAMPLES,
-                                          image_size=config.image_size, seed=config.seed)
+    figure_images = figure_examples(config)
 
   reconstruct = jax.jit(task.reconstruct) if figure_images is not None else None
 
@@ -163,6 +190,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Any) -> dict[st
       return
     views = jax.device_get(reconstruct(state["params"], jnp.asarray(figure_images),
                                        jax.random.PRNGKey(config.seed)))
+    views = {name: views[name] for name in task.figure_columns}  # pytrees sort dict keys
     path = os.path.join(workdir, "reconstructions", f"step_{step:08d}.png")
     figures.save_image_grid(views, path, title=f"step {step}")
     logging.info("Wrote %s", path)
@@ -218,8 +246,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Any) -> dict[st
       if step % config.checkpoint_every == 0 or final or preemption.requested:
         drain_metrics()
         ckpt.save(step, state, data_iter, {"step": step, "config": config.to_json()})
+        throughput.reset_clock(step)  # images/s measures training, not the save
       if config.image_every and (step % config.image_every == 0 or final):
         write_figure(step)
+        throughput.reset_clock(step)
       if preemption.requested:
         ckpt.wait()
         logging.warning("SIGTERM received: saved step %d in %s; exiting cleanly", step,

@@ -55,6 +55,10 @@ class Throughput:
     self.last_step = start_step
     self.last_time = time.perf_counter()
 
+  def reset_clock(self, step: int) -> None:
+    """Restarts the measurement at `step` (after a save or figure, so those are not counted)."""
+    self.last_step, self.last_time = step, time.perf_counter()
+
   def update(self, step: int) -> dict[str, float]:
     now = time.perf_counter()
     steps, elapsed = step - self.last_step, max(now - self.last_time, 1e-9)

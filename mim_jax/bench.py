@@ -1,0 +1,102 @@
+r"""Benchmarks: the jitted train step on synthetic on-device data, or the input pipeline.
+
+  python -m mim_jax.bench --config configs/mae_vit_tiny.py --config.batch_size=64
+  python -m mim_jax.bench --config configs/mae_vit_tiny.py --peak_tflops=197  # + MFU
+  python -m mim_jax.bench --config configs/mae_vit_tiny.py:demo --data     # pipeline only
+
+Prints compile time, step time, images/s, the analytic model TFLOP/s and, with
+--peak_tflops (the accelerator's dense peak, all devices together), MFU.
+"""
+
+import statistics
+import time
+
+import jax
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from mim_jax import cli
+from mim_jax.data import pipeline
+from mim_jax.tasks.registry import build_task
+from mim_jax.trainer import loop, sharding
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path[:arg]).",
+                                          lock_config=True)
+_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (after one compile + warm-up step).")
+_PEAK = flags.DEFINE_float("peak_tflops", None, "Peak dense TFLOP/s of all devices, for MFU.")
+_DATA = flags.DEFINE_bool("data", False, "Time the input pipeline alone instead of the step.")
+flags.mark_flags_as_required(["config"])
+
+
+def bench_step(config) -> dict[str, float]:
+  task = build_task(config)
+  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+  sharding.check_batch_size(config.batch_size, mesh)
+  abstract_params = jax.eval_shape(task.init_params, jax.random.PRNGKey(0))
+  tx, schedule = loop.make_optimizer(config, abstract_params, total_steps=1000,
+                                     warmup_steps=100)
+  _, shardings, init_state = loop.prepare_state(task, tx, config, mesh)
+  state = init_state()
+  images = np.random.RandomState(0).randint(
+      0, 256, (config.batch_size, config.image_size, config.image_size, 3), np.uint8)
+  batch = sharding.global_batch({"image": images}, mesh)
+  step_fn = loop.jit_train_step(task, tx, schedule, shardings, mesh)
+
+  start = time.perf_counter()
+  compiled = step_fn.lower(state, batch).compile()
+  compile_s = time.perf_counter() - start
+  state, metrics = compiled(state, batch)  # warm-up
+  jax.block_until_ready(metrics)
+  times = []
+  for _ in range(_STEPS.value):
+    start = time.perf_counter()
+    state, metrics = compiled(state, batch)
+    jax.block_until_ready(metrics)
+    times.append(time.perf_counter() - start)
+  step_s = statistics.median(times)
+  result = {
+      "devices": jax.device_count(),
+      "batch": config.batch_size,
+      "compile_s": compile_s,
+      "step_ms": 1e3 * step_s,
+      "images_per_sec": config.batch_size / step_s,
+      "model_tflops_per_sec": task.train_flops_per_image() * config.batch_size / step_s / 1e12,
+  }
+  if _PEAK.value:
+    result["mfu_percent"] = 100 * result["model_tflops_per_sec"] / _PEAK.value
+  return result
+
+
+def bench_data(config) -> dict[str, float]:
+  loader = pipeline.make_train_loader(
+      config.data, global_batch_size=config.batch_size, seed=config.seed,
+      image_size=config.image_size)
+  iterator = iter(loader)
+  next(iterator)  # start the workers
+  start = time.perf_counter()
+  for _ in range(_STEPS.value):
+    next(iterator)
+  elapsed = time.perf_counter() - start
+  images_per_sec = _STEPS.value * config.batch_size / elapsed
+  workers = max(config.data.worker_count, 1)
+  return {"batch": config.batch_size, "workers": config.data.worker_count,
+          "images_per_sec": images_per_sec, "images_per_sec_per_worker": images_per_sec / workers}
+
+
+def main(argv):
+  del argv
+  config = _CONFIG.value
+
+  def run():
+    result = bench_data(config) if _DATA.value else bench_step(config)
+    kind = "input pipeline" if _DATA.value else f"train step ({config.task})"
+    print(f"{kind} on {jax.devices()[0].device_kind} x{jax.device_count()}:")
+    for key, value in result.items():
+      print(f"  {key:28s} {value:.4g}" if isinstance(value, float) else f"  {key:28s} {value}")
+
+  cli.run_reporting_user_errors(run)
+
+
+if __name__ == "__main__":
+  app.run(main)

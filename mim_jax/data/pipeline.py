@@ -1,0 +1,264 @@
+"""grain loaders: per-process uint8 batches with checkpointable iterators.
+
+Training (`make_train_loader`): a `grain.DataLoader` over the source with an
+`IndexSampler` (global shuffle with `seed`, reshuffled every epoch, infinite
+by default) and per-process `ShardOptions(process_index, process_count,
+drop_remainder=True)`; workers decode, crop, flip and batch. Its iterator is a
+`grain.DataLoaderIterator`: `get_state()` returns bytes and `set_state(bytes)`
+restores the exact position, and it is what grain's orbax handler saves:
+
+    ocp.CheckpointManager(dir, item_handlers={'data': grain.checkpoint.CheckpointHandler(), ...})
+    manager.save(step, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(iterator), ...))
+    manager.restore(step, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(iterator)))
+
+A batch's content depends on (source, seed, process_index/count, batch size,
+worker_count): resuming needs the same values, and grain refuses a state
+saved with another worker_count, sampler or source.
+
+Evaluation (`make_eval_loader`): one deterministic pass over a contiguous
+slice of the split per process, centre crops, fixed-size batches with a
+'mask' of real examples; every process yields the same number of batches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import grain
+import numpy as np
+from absl import flags
+
+from mim_jax.data import transforms
+from mim_jax.data.sources import DataError, config_value, default_data_config, get_source
+
+__all__ = ["EvalLoader", "TrainLoader", "default_data_config", "make_eval_loader",
+           "make_train_loader"]
+
+Batch = dict[str, np.ndarray]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainLoader:
+  """Iterable of training batches {'image': uint8 (B, S, S, 3), 'label': int32 (B,)}, B = local batch.
+
+  `iter(loader)` returns a fresh `grain.DataLoaderIterator` at the start;
+  call its `set_state` to resume.
+  """
+
+  data_loader: grain.DataLoader
+  global_batch_size: int
+  local_batch_size: int
+  num_records: int  # Records in the split, all processes together.
+  process_count: int
+
+  def __iter__(self) -> grain.DataLoaderIterator:
+    return iter(self.data_loader)
+
+  @property
+  def steps_per_epoch(self) -> int:
+    """Global batches per pass over the split (undecodable images not discounted)."""
+    return (self.num_records // self.process_count) // self.local_batch_size
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalLoader:
+  """One pass of evaluation batches {'image', 'label', 'mask': bool (B,)}; padding has mask False.
+
+  Every process yields exactly `num_batches` batches of `local_batch_size`.
+  """
+
+  data_loader: grain.DataLoader
+  global_batch_size: int
+  local_batch_size: int
+  image_size: int
+  num_records: int  # Records in the split, all processes together.
+  num_batches: int
+
+  def __iter__(self) -> Iterator[Batch]:
+    produced = 0
+    for batch in _rebatch(self.data_loader, self.local_batch_size, self.image_size):
+      produced += 1
+      if produced > self.num_batches:  # Impossible unless the source changed underneath.
+        raise RuntimeError(f"Evaluation produced more than {self.num_batches} batches.")
+      yield batch
+    for _ in range(self.num_batches - produced):
+      yield _padding(self.local_batch_size, self.image_size)
+
+
+def make_train_loader(data_config: Any, *, global_batch_size: int, seed: int, image_size: int,
+                      process_index: int = 0, process_count: int = 1,
+                      worker_count: int | None = None,
+                      num_epochs: int | None = None) -> TrainLoader:
+  """The training loader of this process.
+
+  Args:
+    data_config: data config (fields in `default_data_config`).
+    global_batch_size: batch summed over processes; each process gets
+      global_batch_size // process_count.
+    seed: shuffle and augmentation seed, in [0, 2**32).
+    image_size: side of the square crops.
+    process_index, process_count: this JAX process and their number (data shard).
+    worker_count: grain worker processes; None = data_config.worker_count; 0 = in-process.
+    num_epochs: passes over the data; None = infinite.
+
+  Raises:
+    DataError: bad batch size / seed / process index, or any source error.
+  """
+  _ensure_absl_flags_parsed()
+  local_batch_size = _local_batch_size(global_batch_size, process_index, process_count)
+  if not 0 <= seed < 2**32:
+    raise DataError(f"Data seed {seed} out of range: use an integer in [0, 2**32).")
+  split = config_value(data_config, "split")
+  source = get_source(data_config, split)
+  _check_shard_fits(len(source), split, local_batch_size, process_count)
+  shard_options = grain.sharding.ShardOptions(process_index, process_count, drop_remainder=True)
+  sampler = grain.samplers.IndexSampler(len(source), shard_options=shard_options, shuffle=True,
+                                        num_epochs=num_epochs, seed=seed)
+  operations = [
+      transforms.DecodeRandomResizedCrop(
+          image_size, scale=tuple(config_value(data_config, "crop_scale")),
+          ratio=tuple(config_value(data_config, "crop_ratio")),
+          flip=bool(config_value(data_config, "flip"))),
+      transforms.SkipUndecodable(max_consecutive=local_batch_size),
+      grain.transforms.Batch(local_batch_size, drop_remainder=True),
+  ]
+  loader = _data_loader(data_config, source, sampler, operations, shard_options, worker_count)
+  return TrainLoader(loader, global_batch_size, local_batch_size, len(source), process_count)
+
+
+def make_eval_loader(data_config: Any, *, global_batch_size: int, image_size: int,
+                     process_index: int = 0, process_count: int = 1,
+                     worker_count: int | None = None, split: str | None = None) -> EvalLoader:
+  """The evaluation loader of this process: `split` (default data_config.eval_split), one pass.
+
+  Process p reads the contiguous records [p*N/P, (p+1)*N/P) (remainder spread
+  over the first processes) in order; nothing is dropped or repeated.
+
+  Raises:
+    DataError: bad batch size / process index, or any source error.
+  """
+  _ensure_absl_flags_parsed()
+  local_batch_size = _local_batch_size(global_batch_size, process_index, process_count)
+  split = split or config_value(data_config, "eval_split")
+  source = get_source(data_config, split)
+  shard = SliceSource(source, *_contiguous_shard(len(source), process_index, process_count))
+  num_batches = math.ceil(math.ceil(len(source) / process_count) / local_batch_size)
+  operations = [
+      transforms.DecodeCenterCrop(image_size, config_value(data_config, "eval_resize_ratio")),
+      transforms.SkipUndecodable(max_consecutive=local_batch_size),
+      grain.transforms.Batch(local_batch_size, drop_remainder=False),
+  ]
+  no_sharding = grain.sharding.NoSharding()
+  loader = _data_loader(data_config, shard, grain.samplers.SequentialSampler(len(shard), no_sharding)
+                        if len(shard) else _EmptySampler(), operations, no_sharding, worker_count)
+  return EvalLoader(loader, global_batch_size, local_batch_size, image_size, len(source),
+                    num_batches)
+
+
+class SliceSource:
+  """Records [start, end) of a source; grain checks it by its repr."""
+
+  def __init__(self, source: Sequence[Any], start: int, end: int):
+    self._source, self._start, self._end = source, start, end
+
+  def __len__(self) -> int:
+    return self._end - self._start
+
+  def __getitem__(self, index: int) -> Any:
+    if not 0 <= index < len(self):
+      raise IndexError(f"Index {index} out of range for {self!r}.")
+    return self._source[self._start + index]
+
+  def __repr__(self) -> str:
+    return f"SliceSource({self._source!r}, start={self._start}, end={self._end})"
+
+
+class _EmptySampler:
+  """A sampler with no records (a process whose eval slice is empty)."""
+
+  def __len__(self) -> int:
+    return 0
+
+  def __getitem__(self, index: int) -> grain.RecordMetadata:
+    raise IndexError(index)
+
+  def __repr__(self) -> str:
+    return "_EmptySampler()"
+
+
+def _data_loader(data_config: Any, source: Sequence[Any], sampler: Any,
+                 operations: list[Any], shard_options: grain.sharding.ShardOptions,
+                 worker_count: int | None) -> grain.DataLoader:
+  if worker_count is None:
+    worker_count = config_value(data_config, "worker_count")
+  if worker_count < 0:
+    raise DataError(f"worker_count {worker_count} is negative: use 0 (in-process) or more.")
+  read_options = grain.ReadOptions(num_threads=config_value(data_config, "read_threads"),
+                                   prefetch_buffer_size=config_value(data_config, "read_buffer_size"))
+  return grain.DataLoader(
+      data_source=source, sampler=sampler, operations=operations, worker_count=worker_count,
+      worker_buffer_size=config_value(data_config, "prefetch_buffer_size"),
+      shard_options=shard_options, read_options=read_options)
+
+
+def _local_batch_size(global_batch_size: int, process_index: int, process_count: int) -> int:
+  if process_count < 1 or not 0 <= process_index < process_count:
+    raise DataError(f"process_index {process_index} / process_count {process_count} invalid: "
+                    "need 0 <= process_index < process_count.")
+  if global_batch_size < 1 or global_batch_size % process_count:
+    raise DataError(f"Global batch size {global_batch_size} is not a positive multiple of the "
+                    f"{process_count} processes: change the batch size.")
+  return global_batch_size // process_count
+
+
+def _check_shard_fits(num_records: int, split: str, local_batch_size: int,
+                      process_count: int) -> None:
+  shard_size = num_records // process_count
+  if local_batch_size > shard_size:
+    raise DataError(f"Per-process batch {local_batch_size} exceeds the {shard_size} records "
+                    f"each of {process_count} processes gets from split {split!r} "
+                    f"({num_records} records): lower the batch size.")
+
+
+def _contiguous_shard(num_records: int, index: int, count: int) -> tuple[int, int]:
+  """[start, end) of shard `index` of `count`; the first num_records % count shards get one more."""
+  per_shard, remainder = divmod(num_records, count)
+  start = index * per_shard + min(index, remainder)
+  return start, start + per_shard + (index < remainder)
+
+
+def _rebatch(batches: Iterable[Batch], size: int, image_size: int) -> Iterator[Batch]:
+  """Regroups batches of any sizes into batches of `size` with a mask; pads the last one."""
+  pending: list[Batch] = []
+  count = 0
+  for batch in batches:
+    pending.append(batch)
+    count += len(batch["label"])
+    while count >= size:
+      merged = {k: np.concatenate([b[k] for b in pending]) for k in ("image", "label")}
+      yield {"image": merged["image"][:size], "label": merged["label"][:size],
+             "mask": np.ones(size, bool)}
+      rest = {k: v[size:] for k, v in merged.items()}
+      count -= size
+      pending = [rest] if count else []
+  if count:
+    merged = {k: np.concatenate([b[k] for b in pending]) for k in ("image", "label")}
+    pad = _padding(size - count, image_size)
+    yield {"image": np.concatenate([merged["image"], pad["image"]]),
+           "label": np.concatenate([merged["label"], pad["label"]]),
+           "mask": np.arange(size) < count}
+
+
+def _padding(size: int, image_size: int) -> Batch:
+  """`size` padding examples: black images, label 0, mask False."""
+  return {"image": np.zeros((size, image_size, image_size, 3), np.uint8),
+          "label": np.zeros((size,), np.int32), "mask": np.zeros(size, bool)}
+
+
+def _ensure_absl_flags_parsed() -> None:
+  """grain reads its absl flags; mark them parsed (defaults) when no CLI parsed them."""
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()

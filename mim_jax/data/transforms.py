@@ -1,0 +1,188 @@
+"""Per-record image transforms; they run inside grain worker processes (numpy/PIL only).
+
+Input records are `{'image': encoded bytes, 'label': int, 'id': str}` (see
+`sources.py`); outputs are `{'image': uint8 (S, S, 3) RGB, 'label': int32}`.
+
+Training follows torchvision's `RandomResizedCrop(S, scale, ratio,
+interpolation=BICUBIC)` + `RandomHorizontalFlip()` as used by MAE, with numpy's
+generator in place of torch's. Evaluation follows `Resize(int(S / ratio),
+BICUBIC)` + `CenterCrop(S)`.
+
+An image that cannot be decoded becomes a *marker* record (empty image plus an
+'error' string) which `SkipUndecodable` drops, counts and logs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import math
+from typing import Any
+
+import grain
+import numpy as np
+from absl import logging
+from PIL import Image
+
+from mim_jax.data.sources import DataError
+
+Record = dict[str, Any]
+Box = tuple[int, int, int, int]  # (top, left, height, width), as torchvision's get_params
+CROP_ATTEMPTS = 10
+
+
+def decode_rgb(data: bytes) -> Image.Image:
+  """Decodes encoded image bytes to an RGB PIL image (grayscale/RGBA/CMYK/P converted).
+
+  Alpha is dropped, as torchvision's default loader does (`convert('RGB')`).
+  """
+  with Image.open(io.BytesIO(data)) as image:
+    return image.convert("RGB")
+
+
+def sample_crop_box(height: int, width: int, scale: tuple[float, float],
+                    ratio: tuple[float, float], rng: np.random.Generator) -> Box:
+  """torchvision's `RandomResizedCrop.get_params`: a random box of the image.
+
+  Tries CROP_ATTEMPTS times a box whose area is `scale` (uniform) of the image
+  and whose aspect ratio w/h is `ratio` (uniform in log space); falls back to
+  a centred crop clipped to the `ratio` range.
+  """
+  area = height * width
+  log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+  for _ in range(CROP_ATTEMPTS):
+    target_area = area * rng.uniform(scale[0], scale[1])
+    aspect_ratio = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
+    w = int(round(math.sqrt(target_area * aspect_ratio)))
+    h = int(round(math.sqrt(target_area / aspect_ratio)))
+    if 0 < w <= width and 0 < h <= height:
+      top = int(rng.integers(0, height - h + 1))
+      left = int(rng.integers(0, width - w + 1))
+      return top, left, h, w
+  return center_crop_box(height, width, ratio)
+
+
+def center_crop_box(height: int, width: int, ratio: tuple[float, float]) -> Box:
+  """torchvision's fallback: the largest centred box with aspect ratio within `ratio`."""
+  in_ratio = width / height
+  if in_ratio < min(ratio):
+    w = width
+    h = int(round(w / min(ratio)))
+  elif in_ratio > max(ratio):
+    h = height
+    w = int(round(h * max(ratio)))
+  else:
+    w, h = width, height
+  return (height - h) // 2, (width - w) // 2, h, w
+
+
+def resized_crop(image: Image.Image, box: Box, size: int) -> np.ndarray:
+  """Crops `box` and resizes it to (size, size) bicubically, as torchvision's F.resized_crop on PIL."""
+  top, left, h, w = box
+  cropped = image.crop((left, top, left + w, top + h))
+  return np.asarray(cropped.resize((size, size), Image.Resampling.BICUBIC))
+
+
+def resize_center_crop(image: Image.Image, size: int, resize_ratio: float) -> np.ndarray:
+  """torchvision's Resize(int(size / resize_ratio), BICUBIC) then CenterCrop(size)."""
+  short_target = int(size / resize_ratio)
+  width, height = image.size
+  if width <= height:
+    new_w, new_h = short_target, int(short_target * height / width)
+  else:
+    new_w, new_h = int(short_target * width / height), short_target
+  resized = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
+  top = int(round((new_h - size) / 2.0))
+  left = int(round((new_w - size) / 2.0))
+  return np.asarray(resized.crop((left, top, left + size, top + size)))
+
+
+def undecodable(record: Record, error: Exception) -> Record:
+  """The marker record standing for an image that could not be decoded."""
+  where = record.get("id", "unknown record")
+  return {"image": np.zeros((0, 0, 3), np.uint8), "label": np.int32(record["label"]),
+          "error": f"{where}: {type(error).__name__}: {error}"}
+
+
+def _validate_size(image_size: int) -> None:
+  if image_size <= 0:
+    raise DataError(f"image_size must be positive, got {image_size}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeRandomResizedCrop(grain.transforms.RandomMap):
+  """Decode, RandomResizedCrop to `image_size` (bicubic), random horizontal flip.
+
+  Randomness comes only from the per-record generator grain passes in (seeded
+  by the sampler seed and the record's position), so it is reproducible.
+  """
+
+  image_size: int
+  scale: tuple[float, float] = (0.2, 1.0)
+  ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
+  flip: bool = True
+
+  def __post_init__(self):
+    _validate_size(self.image_size)
+    if not 0 < self.scale[0] <= self.scale[1] or not 0 < self.ratio[0] <= self.ratio[1]:
+      raise DataError(f"crop_scale {tuple(self.scale)} and crop_ratio {tuple(self.ratio)} must "
+                      "be (low, high) with 0 < low <= high.")
+
+  def random_map(self, element: Record, rng: np.random.Generator) -> Record:
+    try:
+      image = decode_rgb(element["image"])
+    except Exception as error:  # pylint: disable=broad-exception-caught  # Any bad file.
+      return undecodable(element, error)
+    box = sample_crop_box(image.height, image.width, self.scale, self.ratio, rng)
+    pixels = resized_crop(image, box, self.image_size)
+    if self.flip and rng.random() < 0.5:
+      pixels = pixels[:, ::-1]
+    return {"image": np.ascontiguousarray(pixels), "label": np.int32(element["label"])}
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeCenterCrop(grain.transforms.Map):
+  """Decode, resize the shorter side to int(image_size / resize_ratio), centre-crop image_size."""
+
+  image_size: int
+  resize_ratio: float = 0.875
+
+  def __post_init__(self):
+    _validate_size(self.image_size)
+    if not 0 < self.resize_ratio <= 1:
+      raise DataError(f"eval_resize_ratio must be in (0, 1], got {self.resize_ratio}.")
+
+  def map(self, element: Record) -> Record:
+    try:
+      image = decode_rgb(element["image"])
+    except Exception as error:  # pylint: disable=broad-exception-caught  # Any bad file.
+      return undecodable(element, error)
+    pixels = resize_center_crop(image, self.image_size, self.resize_ratio)
+    return {"image": pixels, "label": np.int32(element["label"])}
+
+
+class SkipUndecodable(grain.transforms.Filter):
+  """Drops marker records of undecodable images, logging a running count.
+
+  Counts are per process (each grain worker has its own copy). More than
+  `max_consecutive` markers in a row means no batch can be formed: raise.
+  """
+
+  def __init__(self, max_consecutive: int):
+    self.max_consecutive = max_consecutive
+    self.skipped = 0
+    self._consecutive = 0
+
+  def filter(self, element: Record) -> bool:
+    error = element.get("error")
+    if error is None:
+      self._consecutive = 0
+      return True
+    self.skipped += 1
+    self._consecutive += 1
+    logging.warning("Skipping an image that cannot be decoded (%s); %d skipped so far in this "
+                    "process.", error, self.skipped)
+    if self._consecutive > self.max_consecutive:
+      raise DataError(f"{self._consecutive} images in a row could not be decoded (last: {error}), "
+                      "so no batch can be formed: check that data.data_dir holds valid images.")
+    return False

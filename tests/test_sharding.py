@@ -1,0 +1,66 @@
+"""Placement rules, and one sharded train step equal to the same step on one device."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from mim_jax.errors import ConfigError
+from mim_jax.tasks.pretrain import MaePretrainTask
+from mim_jax.trainer import loop, sharding
+
+
+def test_leaf_spec_rules():
+  assert sharding.leaf_spec("encoder/blocks_0/attn/qkv/kernel", (192, 576), 4) == P(None, "fsdp")
+  assert sharding.leaf_spec("encoder/blocks_0/mlp/fc2/kernel", (768, 192), 4) == P("fsdp", None)
+  assert sharding.leaf_spec("encoder/blocks_0/attn/qkv/bias", (576,), 4) == P()
+  assert sharding.leaf_spec("encoder/cls_token", (1, 1, 192), 4) == P()
+  assert sharding.leaf_spec("tiny/kernel", (8, 8), 4) == P()  # below fsdp_min_size
+  assert sharding.leaf_spec("x/kernel", (192, 576), 1) == P()  # no fsdp axis
+  assert sharding.leaf_spec("odd/kernel", (191, 577), 4) == P()  # nothing divisible
+
+
+def test_make_mesh_shapes_and_errors():
+  assert dict(sharding.make_mesh(-1, 2).shape) == {"data": 4, "fsdp": 2}
+  assert dict(sharding.make_mesh(8, 1).shape) == {"data": 8, "fsdp": 1}
+  with pytest.raises(ConfigError, match="does not use the 8 devices"):
+    sharding.make_mesh(3, 2)
+  with pytest.raises(ConfigError, match="not divisible by the 8 devices"):
+    sharding.check_batch_size(12, sharding.make_mesh(-1, 1))
+
+
+def run_one_step(config, devices):
+  task = MaePretrainTask(config)
+  mesh = sharding.make_mesh(-1, config.mesh.fsdp, devices=devices)
+  rng = jax.random.PRNGKey(0)
+  params = task.init_params(rng)
+  tx, schedule = loop.make_optimizer(config, params, 10, 2)
+  state = {"params": params, "opt_state": tx.init(params), "step": jnp.array(1, jnp.int32),
+           "rng": jax.random.PRNGKey(1)}
+  shardings = sharding.tree_shardings(state, mesh, fsdp_min_size=64)
+  state = jax.device_put(state, shardings)
+  images = np.random.RandomState(0).randint(0, 256, (16, 32, 32, 3)).astype(np.uint8)
+  batch = sharding.global_batch({"image": images}, mesh)
+  step = jax.jit(loop.make_train_step(task.loss_fn, tx, schedule),
+                 in_shardings=(shardings, sharding.batch_sharding(mesh)),
+                 out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,))
+  new_state, metrics = step(state, batch)
+  return jax.device_get(new_state), jax.device_get(metrics), new_state
+
+
+def test_sharded_step_equals_single_device_step(tiny_config):
+  assert jax.device_count() == 8
+  tiny_config.mesh.fsdp = 2
+  one_state, one_metrics, _ = run_one_step(tiny_config, jax.devices()[:1])
+  many_state, many_metrics, sharded = run_one_step(tiny_config, jax.devices())
+  # The FSDP rule really sharded something over the 4 x 2 mesh.
+  qkv = sharded["params"]["encoder"]["blocks_0"]["attn"]["qkv"]["kernel"]
+  assert qkv.sharding.spec == P(None, "fsdp")
+  np.testing.assert_allclose(many_metrics["loss"], one_metrics["loss"], rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5),
+               one_state["params"], many_state["params"])
+  # And the step did move the parameters.
+  init = MaePretrainTask(tiny_config).init_params(jax.random.PRNGKey(0))
+  assert not np.allclose(init["encoder"]["blocks_0"]["attn"]["qkv"]["kernel"],
+                         one_state["params"]["encoder"]["blocks_0"]["attn"]["qkv"]["kernel"])
