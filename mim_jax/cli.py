@@ -3,7 +3,7 @@
 import sys
 from typing import Callable
 
-from absl import logging
+from absl import flags, logging
 
 from mim_jax.data.sources import DataError
 from mim_jax.errors import UserError
@@ -32,3 +32,30 @@ def run_reporting_user_errors(main: Callable[[], object]) -> None:
     logging.flush()
     print(f"error: {error}", file=sys.stderr)
     sys.exit(2)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing for `app.run(flags_parser=...)`: a bad --config.key is one line.
+
+  ml_collections reports an unknown or mistyped `--config.key=value` with a raw
+  exception; this turns it into `error: ...` and exit status 2.
+  """
+  try:
+    remaining = flags.FLAGS(argv)
+    if "config" in flags.FLAGS and flags.FLAGS["config"].value is not None:
+      flags.FLAGS["config"].value.keys()  # a config file that failed to load raises here
+    return remaining
+  except flags.Error as error:
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    # A config file whose get_config() raised: its own last line says what was wrong.
+    message = lines[0] if "Traceback" not in str(error) else f"{lines[0]} {lines[-1]}"
+  except (KeyError, AttributeError) as error:  # ml_collections: a key the locked config lacks
+    key = str(error).strip("\"'")
+    message = (f"unknown config key {key!r} in a --config.key=value override (the config is "
+               f"locked: check the spelling)")
+  except (TypeError, ValueError) as error:
+    message = f"bad config override: {error}"
+  except OSError as error:
+    message = " ".join(str(error).split())
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(2)

@@ -30,13 +30,13 @@ def test_make_mesh_shapes_and_errors():
     sharding.check_batch_size(12, sharding.make_mesh(-1, 1))
 
 
-def run_one_step(config, devices):
+def run_one_step(config, devices, fsdp):
   task = MaePretrainTask(config)
-  mesh = sharding.make_mesh(-1, config.mesh.fsdp, devices=devices)
+  mesh = sharding.make_mesh(-1, fsdp, devices=devices)
   rng = jax.random.PRNGKey(0)
   params = task.init_params(rng)
-  tx, schedule = loop.make_optimizer(config, params, 10, 2)
-  state = {"params": params, "opt_state": tx.init(params), "step": jnp.array(1, jnp.int32),
+  tx, schedule = loop.make_optimizer(config, params, 10, 0)  # no warm-up: lr > 0 at once
+  state = {"params": params, "opt_state": tx.init(params), "step": jnp.array(0, jnp.int32),
            "rng": jax.random.PRNGKey(1)}
   shardings = sharding.tree_shardings(state, mesh, fsdp_min_size=64)
   state = jax.device_put(state, shardings)
@@ -51,9 +51,8 @@ def run_one_step(config, devices):
 
 def test_sharded_step_equals_single_device_step(tiny_config):
   assert jax.device_count() == 8
-  tiny_config.mesh.fsdp = 2
-  one_state, one_metrics, _ = run_one_step(tiny_config, jax.devices()[:1])
-  many_state, many_metrics, sharded = run_one_step(tiny_config, jax.devices())
+  one_state, one_metrics, _ = run_one_step(tiny_config, jax.devices()[:1], fsdp=1)
+  many_state, many_metrics, sharded = run_one_step(tiny_config, jax.devices(), fsdp=2)
   # The FSDP rule really sharded something over the 4 x 2 mesh.
   qkv = sharded["params"]["encoder"]["blocks_0"]["attn"]["qkv"]["kernel"]
   assert qkv.sharding.spec == P(None, "fsdp")

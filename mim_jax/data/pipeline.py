@@ -29,7 +29,7 @@ from typing import Any
 
 import grain
 import numpy as np
-from absl import flags
+from absl import flags, logging
 
 from mim_jax.data import transforms
 from mim_jax.data.sources import DataError, config_value, default_data_config, get_source
@@ -45,7 +45,10 @@ class TrainLoader:
   """Iterable of training batches {'image': uint8 (B, S, S, 3), 'label': int32 (B,)}, B = local batch.
 
   `iter(loader)` returns a fresh `grain.DataLoaderIterator` at the start;
-  call its `set_state` to resume.
+  call its `set_state` to resume. With workers, the arrays are grain
+  `SharedMemoryArray`s (an np.ndarray subclass whose shared memory is freed
+  when dropped), and the workers are spawned: a script must start iterating
+  under `if __name__ == "__main__":`. Dropping the iterator stops its workers.
   """
 
   data_loader: grain.DataLoader
@@ -126,6 +129,9 @@ def make_train_loader(data_config: Any, *, global_batch_size: int, seed: int, im
       grain.transforms.Batch(local_batch_size, drop_remainder=True),
   ]
   loader = _data_loader(data_config, source, sampler, operations, shard_options, worker_count)
+  logging.info("Training data: %r, process %d/%d, batch %d of %d, %d workers.", source,
+               process_index, process_count, local_batch_size, global_batch_size,
+               loader.multiprocessing_options.num_workers)
   return TrainLoader(loader, global_batch_size, local_batch_size, len(source), process_count)
 
 
@@ -151,29 +157,38 @@ def make_eval_loader(data_config: Any, *, global_batch_size: int, image_size: in
       transforms.SkipUndecodable(max_consecutive=local_batch_size),
       grain.transforms.Batch(local_batch_size, drop_remainder=False),
   ]
-  no_sharding = grain.sharding.NoSharding()
-  loader = _data_loader(data_config, shard, grain.samplers.SequentialSampler(len(shard), no_sharding)
-                        if len(shard) else _EmptySampler(), operations, no_sharding, worker_count)
+  loader = _data_loader(data_config, shard, _sequential_sampler(len(shard)), operations,
+                        grain.sharding.NoSharding(), worker_count)
+  logging.info("Eval data: %r, process %d/%d reads records [%d, %d) in %d batches of %d.",
+               source, process_index, process_count, shard.start, shard.end, num_batches,
+               local_batch_size)
   return EvalLoader(loader, global_batch_size, local_batch_size, image_size, len(source),
                     num_batches)
 
 
 class SliceSource:
-  """Records [start, end) of a source; grain checks it by its repr."""
+  """Records [start, end) of a source."""
 
   def __init__(self, source: Sequence[Any], start: int, end: int):
-    self._source, self._start, self._end = source, start, end
+    self._source, self.start, self.end = source, start, end
 
   def __len__(self) -> int:
-    return self._end - self._start
+    return self.end - self.start
 
   def __getitem__(self, index: int) -> Any:
     if not 0 <= index < len(self):
       raise IndexError(f"Index {index} out of range for {self!r}.")
-    return self._source[self._start + index]
+    return self._source[self.start + index]
 
   def __repr__(self) -> str:
-    return f"SliceSource({self._source!r}, start={self._start}, end={self._end})"
+    return f"SliceSource({self._source!r}, start={self.start}, end={self.end})"
+
+
+def _sequential_sampler(num_records: int) -> Any:
+  """Records 0..num_records-1 in order, once (grain's SequentialSampler refuses 0 records)."""
+  if num_records == 0:
+    return _EmptySampler()
+  return grain.samplers.SequentialSampler(num_records, grain.sharding.NoSharding())
 
 
 class _EmptySampler:

@@ -302,9 +302,9 @@ _SKIMAGE_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_fiel
 DEMO_CLASSES = (*_SKIMAGE_PHOTOS, "motorcycle", "china", "flower")
 _DEMO_SPLITS = {"train": (2000, 0), "validation": (200, 1)}  # split: (size, seed offset)
 _DEMO_SEED = 20240601
-_DEMO_MAX_PHOTO_SIDE = 768      # photos are downscaled to this first (speed)
+_DEMO_MAX_PHOTO_SIDE = 512      # photos are downscaled to this first (speed)
 _DEMO_OUT_SIDE = (160, 256)     # longer side of each stored crop, uniform
-_DEMO_AREA = (0.08, 1.0)        # crop area as a fraction of the photo
+_DEMO_AREA = (0.1, 1.0)         # crop area as a fraction of the photo
 _DEMO_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 
 

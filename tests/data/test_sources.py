@@ -55,19 +55,26 @@ def test_demo_reads_back_through_tfds(demo_dir: str, split: str):
   assert isinstance(record["label"], int)
 
 
-def test_demo_images_are_photo_crops(demo_dir: str):
+def _colour_histogram(pixels: np.ndarray) -> np.ndarray:
+  q = pixels.reshape(-1, 3).astype(int) // 64
+  counts = np.bincount(q[:, 0] * 16 + q[:, 1] * 4 + q[:, 2], minlength=64)
+  return counts / counts.sum()
+
+
+def test_demo_images_are_crops_of_their_labelled_photo(demo_dir: str):
   source = sources.get_source(_demo_config(demo_dir), "train")
-  photos = sources.demo_photos()
-  for index in range(0, 60, 3):
+  photo_histograms = np.stack([_colour_histogram(p) for p in sources.demo_photos()])
+  matches = 0
+  for index in range(0, 2000, 20):
     record = source[index]
     image = np.asarray(Image.open(io.BytesIO(record["image"])))
     assert image.ndim == 3 and image.shape[2] == 3 and image.dtype == np.uint8
     assert 160 <= max(image.shape[:2]) <= 256
     assert image.std() > 5  # A real picture, not a constant.
-    # The crop's mean colour is nearer its own photo's than most others' (an independent
-    # check that label == source photo).
-    distances = [np.abs(image.mean((0, 1)) - p.mean((0, 1))).sum() for p in photos]
-    assert np.argsort(distances).tolist().index(record["label"]) < 5
+    # Independent check of label == source photo: nearest photo by colour histogram.
+    overlap = np.minimum(_colour_histogram(image), photo_histograms).sum(1)
+    matches += int(overlap.argmax() == record["label"])
+  assert matches >= 90  # Of 100; a few small crops are ambiguous.
   assert len({source[i]["image"] for i in range(50)}) == 50
 
 
