@@ -6,6 +6,8 @@ import io
 import logging
 import math
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import grain
@@ -326,6 +328,39 @@ def test_bad_arguments_raise_data_error(colour_config, kwargs, match):
   kwargs = {"seed": 0, "image_size": 8, **kwargs}
   with pytest.raises(DataError, match=match):
     pipeline.make_train_loader(colour_config, **kwargs)
+
+
+_KILLED_PARENT_SCRIPT = """
+import sys, time, psutil
+from mim_jax.data import pipeline
+config = pipeline.default_data_config()
+config.update(kind="image_folder", data_dir=sys.argv[1])
+iterator = iter(pipeline.make_train_loader(config, global_batch_size=2, seed=0, image_size=8,
+                                           worker_count=1))
+next(iterator)
+print(*[child.pid for child in psutil.Process().children(recursive=True)], flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.mark.slow
+def test_workers_exit_when_the_main_process_is_killed(colour_config):
+  import psutil  # pylint: disable=import-outside-toplevel
+
+  repo_root = os.fspath(Path(pipeline.__file__).parents[2])
+  env = {**os.environ, "PYTHONPATH": os.pathsep.join([repo_root, os.environ.get("PYTHONPATH", "")])}
+  main = subprocess.Popen([sys.executable, "-c", _KILLED_PARENT_SCRIPT, colour_config.data_dir],
+                          stdout=subprocess.PIPE, text=True, env=env)
+  try:
+    children = [psutil.Process(int(pid)) for pid in main.stdout.readline().split()]
+  finally:
+    main.kill()  # SIGKILL: no clean-up runs in the main process.
+    main.wait()
+  assert any("spawn_main" in " ".join(child.cmdline()) for child in children)
+  _, alive = psutil.wait_procs(children, timeout=10)
+  for child in alive:
+    child.kill()
+  assert not alive, "grain workers outlived their killed main process"
 
 
 # --------------------------------------------------------------------------- #
