@@ -50,6 +50,16 @@ def read_losses(workdir):
   return losses
 
 
+def wait_for_logged_steps(proc, workdir, count, timeout=240):
+  """Returns once the running `proc` has logged `count` steps (or ended, or timed out)."""
+  metrics = os.path.join(workdir, "metrics.jsonl")
+  deadline = time.time() + timeout
+  while time.time() < deadline and proc.poll() is None:
+    if os.path.exists(metrics) and len(open(metrics).readlines()) >= count:
+      return
+    time.sleep(0.05)
+
+
 @pytest.fixture(scope="module", name="demo_dir")
 def demo_dir_fixture(tmp_path_factory):
   return str(tmp_path_factory.mktemp("demo_tfds"))
@@ -69,12 +79,7 @@ def test_kill_9_then_resume_equals_uninterrupted(tmp_path, demo_dir, uninterrupt
   workdir = str(tmp_path)
   proc = subprocess.Popen(train_command(workdir, demo_dir), env=subprocess_env(),
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  metrics = os.path.join(workdir, "metrics.jsonl")
-  deadline = time.time() + 240
-  while time.time() < deadline and proc.poll() is None:
-    if os.path.exists(metrics) and len(open(metrics).readlines()) >= 5:
-      break
-    time.sleep(0.05)
+  wait_for_logged_steps(proc, workdir, 5)
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   killed_at = max(read_losses(workdir))
@@ -95,12 +100,7 @@ def test_sigterm_saves_and_exits_cleanly_then_resumes(tmp_path, demo_dir, uninte
   proc = subprocess.Popen(train_command(workdir, demo_dir, checkpoint_every=100),
                           env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True)
-  metrics = os.path.join(workdir, "metrics.jsonl")
-  deadline = time.time() + 240
-  while time.time() < deadline and proc.poll() is None:
-    if os.path.exists(metrics) and len(open(metrics).readlines()) >= 3:
-      break
-    time.sleep(0.05)
+  wait_for_logged_steps(proc, workdir, 3)
   proc.send_signal(signal.SIGTERM)
   output, _ = proc.communicate(timeout=240)
   assert proc.returncode == 0, output
