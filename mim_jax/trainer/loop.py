@@ -180,7 +180,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Any) -> dict[st
   train_step = jit_train_step(task, tx, schedule, state_shardings, mesh)
 
   figure_images = None
-  if config.image_every and primary and hasattr(task, "reconstruct"):
+  # Every process computes the figure (params may be sharded across hosts); one writes it.
+  if config.image_every and hasattr(task, "reconstruct"):
     figure_images = figure_examples(config)
 
   reconstruct = jax.jit(task.reconstruct) if figure_images is not None else None
@@ -190,6 +191,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Any) -> dict[st
       return
     views = jax.device_get(reconstruct(state["params"], jnp.asarray(figure_images),
                                        jax.random.PRNGKey(config.seed)))
+    if not primary:
+      return
     views = {name: views[name] for name in task.figure_columns}  # pytrees sort dict keys
     path = os.path.join(workdir, "reconstructions", f"step_{step:08d}.png")
     figures.save_image_grid(views, path, title=f"step {step}")
