@@ -32,7 +32,6 @@ def run_demo(config, workdir: str) -> dict[str, float]:
   cache = os.path.expanduser(config.data.data_dir or sources.DEFAULT_DEMO_DIR)
   logging.info("Demo data set in %s (built on first use)", cache)
   task = build_task(config)
-  os.makedirs(workdir, exist_ok=True)
   result = loop.train(config, workdir, task)
   summary = {"final": result, "metrics": os.path.join(workdir, "metrics.jsonl")}
   figure_dir = os.path.join(workdir, "reconstructions")

@@ -8,8 +8,6 @@ checkpoint. `--config.key=value` overrides are checked: an unknown key is an
 error.
 """
 
-import os
-
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -30,7 +28,6 @@ def main(argv):
 
   def run():
     task = build_task(config)
-    os.makedirs(workdir, exist_ok=True)
     logging.info("Config:\n%s", config)
     loop.train(config, workdir, task)
 

@@ -9,7 +9,6 @@ removed on the next start.
 from typing import Any
 
 import grain
-import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
@@ -40,9 +39,6 @@ class Checkpointer:
         state=ocp.args.StandardSave(state),
         data=grain.checkpoint.CheckpointSave(data_iterator),
         meta=ocp.args.JsonSave(meta)), force=True)
-
-  def read_meta(self, step: int) -> dict[str, Any]:
-    return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
   def check_compatible(self, step: int, abstract_state: Any) -> None:
     """Raises CheckpointMismatchError naming every leaf whose shape differs."""
@@ -81,9 +77,3 @@ class Checkpointer:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
-
-
-def abstract_like(tree: Any) -> Any:
-  """ShapeDtypeStructs with the shardings of `tree` (arrays or ShapeDtypeStructs)."""
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                                     sharding=getattr(x, "sharding", None)), tree)

@@ -31,9 +31,8 @@ FIGURE_EXAMPLES = 8
 # ----------------------------------------------------------------------------
 # Schedule arithmetic
 # ----------------------------------------------------------------------------
-def resolve_steps(config: ml_collections.ConfigDict, num_train_examples: int) -> tuple[int, int]:
+def resolve_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> tuple[int, int]:
   """(total_steps, warmup_steps) from steps or epochs, whichever the config sets."""
-  steps_per_epoch = max(num_train_examples // config.batch_size, 1)
   total = config.total_steps or int(round(config.total_epochs * steps_per_epoch))
   if total < 1:
     raise ConfigError("set total_steps or total_epochs to a positive value")
@@ -156,7 +155,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Any) -> dict[st
       config.data, global_batch_size=config.batch_size, seed=config.seed,
       image_size=config.image_size, process_index=jax.process_index(),
       process_count=jax.process_count())
-  total_steps, warmup_steps = resolve_steps(config, loader.num_records)
+  total_steps, warmup_steps = resolve_steps(config, loader.steps_per_epoch)
   data_iter = iter(loader)
 
   # --- State: abstract shapes -> shardings -> init directly sharded ----------
@@ -198,7 +197,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Any) -> dict[st
     figures.save_image_grid(views, path, title=f"step {step}")
     logging.info("Wrote %s", path)
 
-  writer = metrics.MetricWriter(workdir, total_steps, primary=primary)
+  writer = metrics.MetricWriter(workdir, primary=primary)
   throughput = metrics.Throughput(start_step, config.batch_size)
   preemption = PreemptionWatcher()
   pending: list[tuple[int, dict[str, jax.Array]]] = []

@@ -19,8 +19,7 @@ class MetricWriter:
   TensorBoard events are written with tensorboardX, which needs no TensorFlow.
   """
 
-  def __init__(self, workdir: str, total_steps: int, *, primary: bool = True):
-    self.total_steps = total_steps
+  def __init__(self, workdir: str, *, primary: bool = True):
     self.primary = primary
     self._jsonl = None
     self._tb = None
