@@ -1,7 +1,6 @@
 """Placement rules, and one sharded train step equal to the same step on one device."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
@@ -31,28 +30,26 @@ def test_make_mesh_shapes_and_errors():
 
 
 def run_one_step(config, devices, fsdp):
+  """One step of the trainer's own state init and jitted step on a mesh over `devices`."""
   task = MaePretrainTask(config)
   mesh = sharding.make_mesh(-1, fsdp, devices=devices)
-  rng = jax.random.PRNGKey(0)
-  params = task.init_params(rng)
+  config.mesh.fsdp_min_size = 64  # shard even this tiny model's kernels
+  params = jax.eval_shape(task.init_params, jax.random.PRNGKey(0))
   tx, schedule = loop.make_optimizer(config, params, 10, 0)  # no warm-up: lr > 0 at once
-  state = {"params": params, "opt_state": tx.init(params), "step": jnp.array(0, jnp.int32),
-           "rng": jax.random.PRNGKey(1)}
-  shardings = sharding.tree_shardings(state, mesh, fsdp_min_size=64)
-  state = jax.device_put(state, shardings)
+  _, shardings, init_state = loop.prepare_state(task, tx, config, mesh)
+  state = init_state()
+  initial = jax.device_get(state["params"])
   images = np.random.RandomState(0).randint(0, 256, (16, 32, 32, 3)).astype(np.uint8)
   batch = sharding.global_batch({"image": images}, mesh)
-  step = jax.jit(loop.make_train_step(task.loss_fn, tx, schedule),
-                 in_shardings=(shardings, sharding.batch_sharding(mesh)),
-                 out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,))
+  step = loop.jit_train_step(task, tx, schedule, shardings, mesh)
   new_state, metrics = step(state, batch)
-  return jax.device_get(new_state), jax.device_get(metrics), new_state
+  return initial, jax.device_get(new_state), jax.device_get(metrics), new_state
 
 
 def test_sharded_step_equals_single_device_step(tiny_config):
   assert jax.device_count() == 8
-  one_state, one_metrics, _ = run_one_step(tiny_config, jax.devices()[:1], fsdp=1)
-  many_state, many_metrics, sharded = run_one_step(tiny_config, jax.devices(), fsdp=2)
+  initial, one_state, one_metrics, _ = run_one_step(tiny_config, jax.devices()[:1], fsdp=1)
+  _, many_state, many_metrics, sharded = run_one_step(tiny_config, jax.devices(), fsdp=2)
   # The FSDP rule really sharded something over the 4 x 2 mesh.
   qkv = sharded["params"]["encoder"]["blocks_0"]["attn"]["qkv"]["kernel"]
   assert qkv.sharding.spec == P(None, "fsdp")
@@ -60,6 +57,5 @@ def test_sharded_step_equals_single_device_step(tiny_config):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5),
                one_state["params"], many_state["params"])
   # And the step did move the parameters.
-  init = MaePretrainTask(tiny_config).init_params(jax.random.PRNGKey(0))
-  assert not np.allclose(init["encoder"]["blocks_0"]["attn"]["qkv"]["kernel"],
+  assert not np.allclose(initial["encoder"]["blocks_0"]["attn"]["qkv"]["kernel"],
                          one_state["params"]["encoder"]["blocks_0"]["attn"]["qkv"]["kernel"])
