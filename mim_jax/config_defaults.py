@@ -32,6 +32,17 @@ def base_config() -> ml_collections.ConfigDict:
       mlp_ratio=4.0,
       dtype="float32",
       decoder=dict(width=96, depth=1, num_heads=3),
+      decoder_layer=config_dict.placeholder(int),  # decoder reads this block; None = last
+      extra_attention_block=False,  # D²-MAE's attention-only block depth + 1
+  ))
+  # Distillation from a frozen teacher (tasks dmae / d2mae; must stay unset for mae).
+  config.distill = ml_collections.ConfigDict(dict(
+      teacher="",  # converted .npz (python -m mim_jax.convert from_torch) or a mim_jax workdir
+      teacher_variant="base",  # the architecture the teacher must have; "" accepts any
+      attn_pairs=((12, 12),),  # (student layer, teacher layer), 1-based
+      attn_weight=1.0,  # alpha
+      hidden_pairs=(),  # (student layer, teacher layer), 0 = embeddings; empty = off
+      hidden_weight=1.0,
   ))
   config.optimizer = ml_collections.ConfigDict(dict(
       base_lr=1.5e-4,  # lr = base_lr * batch_size / 256

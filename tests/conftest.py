@@ -34,3 +34,41 @@ def tiny_config():
 @pytest.fixture(name="tiny_config")
 def tiny_config_fixture():
   return tiny_config()
+
+
+def make_teacher(path, *, width=48, depth=3, num_heads=6, patch_size=8, image_size=32,
+                 seed=1):
+  """A converted (.npz) teacher ViT with random, non-trivial weights; returns its path."""
+  import jax
+  import numpy as np
+  from mim_jax.convert import save_converted
+  from mim_jax.models.vit import VisionTransformer
+  arch = dict(patch_size=patch_size, image_size=image_size, width=width, depth=depth,
+              num_heads=num_heads, source="test teacher")
+  model = VisionTransformer(patch_size=patch_size, width=width, depth=depth,
+                            num_heads=num_heads)
+  images = np.zeros((1, image_size, image_size, 3), np.float32)
+  params = model.init(jax.random.PRNGKey(seed), images)["params"]
+  # Perturb every leaf so LayerNorm scales/biases are not trivially 1/0.
+  leaves, treedef = jax.tree.flatten(params)
+  rng = np.random.RandomState(seed)
+  leaves = [np.asarray(x) + 0.05 * rng.standard_normal(x.shape).astype(np.float32)
+            for x in leaves]
+  save_converted(str(path), {"encoder": jax.tree.unflatten(treedef, leaves)}, arch)
+  return str(path)
+
+
+def tiny_distill_config(teacher_path, *, d2=True):
+  """tiny_config() distilled from a 3-block `make_teacher` teacher.
+
+  D²-MAE: a 2-block student plus the attention-only block 3 (distilled to teacher
+  layer 3), decoder on block 1. D-MAE: student layer 2 <-> teacher layer 3.
+  """
+  config = tiny_config()
+  config.task = "d2mae" if d2 else "dmae"
+  config.model.extra_attention_block = d2
+  config.model.decoder_layer = 1 if d2 else None
+  config.distill.teacher = str(teacher_path)
+  config.distill.teacher_variant = ""
+  config.distill.attn_pairs = ((3, 3),) if d2 else ((2, 3),)
+  return config

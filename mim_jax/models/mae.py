@@ -47,12 +47,19 @@ class MAEDecoder(nn.Module):
 
 
 class MaskedAutoencoder(nn.Module):
-  """Encoder (on the kept patches) + decoder; params {'encoder': ..., 'decoder': ...}."""
+  """Encoder (on the kept patches) + decoder; params {'encoder': ..., 'decoder': ...}.
+
+  `decoder_layer`: the decoder reads the final norm of this block's output (D²-MAE:
+  8); None = the last block, as in MAE.
+  """
   encoder: VisionTransformer
   decoder: MAEDecoder
+  decoder_layer: int | None = None
 
   def __call__(self, images: jax.Array, ids_keep: jax.Array, ids_restore: jax.Array,
                capture_layers: Sequence[int] = ()) -> tuple[jax.Array, dict[str, Any]]:
     """Returns the per-patch pixel prediction (B, L, p*p*3) and the encoder outputs."""
-    encoded = self.encoder(images, ids_keep=ids_keep, capture_layers=capture_layers)
-    return self.decoder(encoded["tokens"], ids_restore), encoded
+    encoded = self.encoder(images, ids_keep=ids_keep, capture_layers=capture_layers,
+                           latent_layer=self.decoder_layer)
+    latent = encoded["tokens"] if self.decoder_layer is None else encoded["latent"]
+    return self.decoder(latent, ids_restore), encoded

@@ -127,6 +127,9 @@ class VisionTransformer(nn.Module):
     num_classes: 0 for no head.
     pool: 'cls' (final-norm cls token) or 'gap' (as timm/MAE fine-tuning: no final
       `norm`; mean of the patch tokens then `fc_norm`).
+    extra_attention_block: D²-MAE's block `depth + 1` (params `blocks_{depth}`): LN1 and
+      qkv on the last block's output, only for its attention logits (layer depth + 1).
+      It changes no output; exports and fine-tuning drop it.
   """
   patch_size: int = 16
   width: int = 192
@@ -136,6 +139,7 @@ class VisionTransformer(nn.Module):
   posemb: str = "sincos"
   num_classes: int = 0
   pool: str = "cls"
+  extra_attention_block: bool = False
   dtype: Any = jnp.float32
 
   def grid_size(self, image_size: int) -> int:
@@ -154,7 +158,8 @@ class VisionTransformer(nn.Module):
 
   @nn.compact
   def __call__(self, images: jax.Array, *, ids_keep: jax.Array | None = None,
-               capture_layers: Sequence[int] = ()) -> dict[str, Any]:
+               capture_layers: Sequence[int] = (),
+               latent_layer: int | None = None) -> dict[str, Any]:
     """Encodes normalised images (B, H, W, 3).
 
     Args:
@@ -163,19 +168,28 @@ class VisionTransformer(nn.Module):
       capture_layers: 1-based block indices whose pre-softmax attention logits
         (B, h, N, N) and representations (B, N, d) are returned. Representation of
         layer k = block-k output after block k+1's LN1 (after the final norm for
-        the last block); layer 0 = the embedded tokens.
+        the last block); layer 0 = the embedded tokens. With `extra_attention_block`,
+        layer depth + 1 has attention logits only.
+      latent_layer: also return 'latent', the final norm applied to the output of
+        this block (D²-MAE's decoder reads block 8); None = no latent.
 
     Returns:
       dict with 'tokens' (B, N, d) final-norm output (raw for pool='gap'), 'attn_logits' and 'hidden'
-      (dicts keyed by the captured layer), and 'pooled'/'logits' when a head exists.
+      (dicts keyed by the captured layer), 'latent' if asked, and 'pooled'/'logits' when a
+      head exists.
     """
     chex.assert_rank(images, 4)
     batch, height, width_px, _ = images.shape
     if height != width_px:
       raise ValueError(f"images must be square, got {height}x{width_px}")
+    attention_layers = self.depth + int(self.extra_attention_block)
     for layer in capture_layers:
-      if not 0 <= layer <= self.depth:
-        raise ValueError(f"capture layer {layer} outside 0..{self.depth}")
+      if not 0 <= layer <= attention_layers:
+        raise ValueError(f"capture layer {layer} outside 0..{attention_layers}")
+    if latent_layer is not None and not 1 <= latent_layer <= self.depth:
+      raise ValueError(f"latent layer {latent_layer} outside 1..{self.depth}")
+    if latent_layer is not None and self.pool == "gap":
+      raise ValueError("latent_layer needs the final norm, which pool='gap' models lack")
     grid = self.grid_size(height)
 
     x = PatchEmbed(self.patch_size, self.width, self.dtype, name="patch_embed")(images)
@@ -190,17 +204,24 @@ class VisionTransformer(nn.Module):
     attn_logits, hidden = {}, {}
     if 0 in capture_layers:
       hidden[0] = x
-    for i in range(self.depth):
+    latent_input = None
+    for i in range(attention_layers):
+      extra = i == self.depth
       x, logits, normed_input = Block(self.num_heads, self.mlp_ratio, self.dtype,
-                                      name=f"blocks_{i}")(x)
-      if i in capture_layers:  # block i+1 normalises block i's output: layer i's representation
+                                      attention_only=extra, name=f"blocks_{i}")(x)
+      if i in capture_layers and not extra:  # block i+1 normalises block i's output
         hidden[i] = normed_input
       if i + 1 in capture_layers:
         attn_logits[i + 1] = logits
-    tokens = x if self.pool == "gap" else layer_norm("norm", self.dtype)(x)
+      if i + 1 == latent_layer:
+        latent_input = x
+    final_norm = None if self.pool == "gap" else layer_norm("norm", self.dtype)
+    tokens = x if final_norm is None else final_norm(x)
     if self.depth in capture_layers:
       hidden[self.depth] = tokens
     out: dict[str, Any] = {"tokens": tokens, "attn_logits": attn_logits, "hidden": hidden}
+    if latent_input is not None:
+      out["latent"] = final_norm(latent_input)
 
     if self.pool not in ("cls", "gap"):
       raise ValueError(f"unknown pool {self.pool!r}; use 'cls' or 'gap'")

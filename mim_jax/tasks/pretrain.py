@@ -60,19 +60,45 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if model.decoder.width % 4 or enc["width"] % 4:
     raise ConfigError("encoder and decoder widths must be divisible by 4 (2-D sin-cos "
                       "position embedding)")
+  if model.decoder_layer is not None and not 1 <= model.decoder_layer <= enc["depth"]:
+    raise ConfigError(f"model.decoder_layer={model.decoder_layer} is outside the encoder's "
+                      f"blocks 1..{enc['depth']}")
+  if config.task == "mae":
+    _reject_distillation_settings(config, enc["depth"])
+
+
+def _reject_distillation_settings(config: ml_collections.ConfigDict, depth: int) -> None:
+  """Plain MAE has no teacher: settings that only distillation reads are errors, not no-ops."""
+  if config.distill.teacher:
+    raise ConfigError("distill.teacher is set but task='mae' has no teacher; use "
+                      "task='dmae' or 'd2mae', or unset distill.teacher")
+  if config.model.extra_attention_block:
+    raise ConfigError("model.extra_attention_block only feeds D²-MAE's distillation; "
+                      "use task='d2mae'")
+  if config.model.decoder_layer not in (None, depth):
+    raise ConfigError(f"model.decoder_layer={config.model.decoder_layer} with task='mae' "
+                      f"would leave blocks {config.model.decoder_layer + 1}..{depth} "
+                      f"untrained; it is a D²-MAE setting")
 
 
 def build_mae(model_config: ml_collections.ConfigDict) -> MaskedAutoencoder:
   dtype = jnp.dtype(model_config.dtype)
   encoder = VisionTransformer(
       patch_size=model_config.patch_size, mlp_ratio=model_config.mlp_ratio, dtype=dtype,
+      extra_attention_block=model_config.extra_attention_block,
       **encoder_kwargs(model_config.variant, width=model_config.width,
                        depth=model_config.depth, num_heads=model_config.num_heads))
   decoder = MAEDecoder(patch_size=model_config.patch_size, width=model_config.decoder.width,
                        depth=model_config.decoder.depth,
                        num_heads=model_config.decoder.num_heads,
                        mlp_ratio=model_config.mlp_ratio, dtype=dtype)
-  return MaskedAutoencoder(encoder=encoder, decoder=decoder)
+  return MaskedAutoencoder(encoder=encoder, decoder=decoder,
+                           decoder_layer=model_config.decoder_layer)
+
+
+def autoencoder_params(params: dict[str, Any]) -> dict[str, Any]:
+  """The {'encoder', 'decoder'} part of a pre-training params tree (drops 'distill')."""
+  return {"encoder": params["encoder"], "decoder": params["decoder"]}
 
 
 def mae_loss_terms(model: MaskedAutoencoder, params: Any, images: jax.Array,
@@ -84,7 +110,8 @@ def mae_loss_terms(model: MaskedAutoencoder, params: Any, images: jax.Array,
   'target' (the patchified images, before norm-pix).
   """
   mask = masking.mask_from_noise(noise, mask_ratio)
-  pred, _ = model.apply({"params": params}, images, mask.ids_keep, mask.ids_restore)
+  pred, _ = model.apply({"params": autoencoder_params(params)}, images, mask.ids_keep,
+                        mask.ids_restore)
   target = reconstruction.patchify(images, model.encoder.patch_size)
   loss = reconstruction.mae_loss(pred, target, mask.mask, norm_pix_loss)
   return loss, {"pred": pred, "mask": mask.mask, "target": target}
@@ -117,9 +144,14 @@ class MaePretrainTask:
   def masking_noise(self, rng: jax.Array, batch_size: int) -> jax.Array:
     return jax.random.uniform(rng, (batch_size, self.num_patches))
 
-  def loss_fn(self, params: Any, batch: dict[str, jax.Array],
+  def load_frozen(self) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Frozen inputs of the step (none for MAE) and what identifies them in checkpoints."""
+    return {}, {}
+
+  def loss_fn(self, params: Any, frozen: dict[str, Any], batch: dict[str, jax.Array],
               rng: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Pure: (params, uint8 batch, step rng) -> (loss, named loss terms)."""
+    """Pure: (params, frozen, uint8 batch, step rng) -> (loss, named loss terms)."""
+    del frozen
     images = normalize_images(batch["image"])
     noise = self.masking_noise(rng, images.shape[0])
     loss, _ = mae_loss_terms(self.model, params, images, noise,

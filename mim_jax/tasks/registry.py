@@ -3,9 +3,10 @@
 import ml_collections
 
 from mim_jax.errors import ConfigError
+from mim_jax.tasks.distill import DistillationTask
 from mim_jax.tasks.pretrain import MaePretrainTask
 
-TASKS = {"mae": MaePretrainTask}
+TASKS = {"mae": MaePretrainTask, "dmae": DistillationTask, "d2mae": DistillationTask}
 
 
 def build_task(config: ml_collections.ConfigDict):

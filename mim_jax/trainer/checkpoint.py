@@ -40,6 +40,22 @@ class Checkpointer:
         data=grain.checkpoint.CheckpointSave(data_iterator),
         meta=ocp.args.JsonSave(meta)), force=True)
 
+  def read_meta(self, step: int) -> dict[str, Any]:
+    """The JSON metadata saved with `step` (read without touching the state)."""
+    return self.manager.restore(step, args=ocp.args.Composite(
+        meta=ocp.args.JsonRestore()))["meta"]
+
+  def check_frozen(self, step: int, frozen_meta: dict[str, Any]) -> None:
+    """Refuses to resume with frozen inputs (a teacher) other than those trained with."""
+    saved = self.read_meta(step).get("frozen", {})
+    for name in sorted(set(saved) | set(frozen_meta)):
+      before, now = saved.get(name), frozen_meta.get(name)
+      if (before or {}).get("sha256") != (now or {}).get("sha256"):
+        raise CheckpointMismatchError(
+            f"the checkpoint at step {step} in {self.directory} was trained with {name} "
+            f"{_describe(before)}, but this run has {name} {_describe(now)}; resume with the "
+            f"original {name} or use another --workdir (the checkpoint was left untouched)")
+
   def check_compatible(self, step: int, abstract_state: Any) -> None:
     """Raises CheckpointMismatchError naming every leaf whose shape differs."""
     stored = self.manager.item_metadata(step)["state"]
@@ -77,3 +93,9 @@ class Checkpointer:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def _describe(source: dict[str, Any] | None) -> str:
+  if not source:
+    return "(none)"
+  return f"{source.get('path')!r} (sha256 {str(source.get('sha256'))[:12]}...)"

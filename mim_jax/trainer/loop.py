@@ -1,8 +1,9 @@
 """The training loop, top to bottom: set up, init or resume, iterate, log, checkpoint.
 
-The loop knows no model: a *task* supplies `init_params(rng)`, the pure
-`loss_fn(params, batch, rng) -> (loss, terms)` and, optionally,
-`reconstruct(params, images, rng)` for the figure.
+The loop knows no model: a *task* supplies `init_params(rng)`, `load_frozen()`
+(inputs of the step that are not trained, e.g. a teacher, and what identifies
+them), the pure `loss_fn(params, frozen, batch, rng) -> (loss, terms)` and,
+optionally, `reconstruct(params, images, rng)` for the figure.
 """
 
 import math
@@ -58,12 +59,16 @@ def make_optimizer(config: ml_collections.ConfigDict, params: Any, total_steps: 
 # ----------------------------------------------------------------------------
 def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation,
                     schedule: optax.Schedule) -> Callable:
-  """state, batch -> state, metrics. Pure; the step's rng is fold_in(state rng, step)."""
+  """state, frozen, batch -> state, metrics. Pure; the step's rng is fold_in(state rng, step).
 
-  def train_step(state: dict[str, Any], batch: dict[str, jax.Array]):
+  Only `state['params']` is differentiated and updated: `frozen` (a teacher) gets
+  no gradient and no optimizer state.
+  """
+
+  def train_step(state: dict[str, Any], frozen: dict[str, Any], batch: dict[str, jax.Array]):
     step_rng = jax.random.fold_in(state["rng"], state["step"])
     (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state["params"], batch, step_rng)
+        state["params"], frozen, batch, step_rng)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1,
@@ -93,11 +98,18 @@ def prepare_state(task: Any, tx: optax.GradientTransformation,
   return abstract, shardings, lambda: jax.jit(init_state, out_shardings=shardings)(init_rng)
 
 
+def place_frozen(frozen: Any, config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[Any, Any]:
+  """Frozen params on the mesh by the same rules as the trained ones: (arrays, shardings)."""
+  shardings = sharding.tree_shardings(frozen, mesh, fsdp_min_size=config.mesh.fsdp_min_size)
+  return jax.device_put(frozen, shardings), shardings
+
+
 def jit_train_step(task: Any, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                   state_shardings: Any, mesh: Mesh) -> Callable:
-  """The jitted step: state donated, batch split over the mesh, metrics replicated."""
+                   state_shardings: Any, frozen_shardings: Any, mesh: Mesh) -> Callable:
+  """The jitted step: state donated, frozen kept, batch split over the mesh, metrics replicated."""
   return jax.jit(make_train_step(task.loss_fn, tx, schedule),
-                 in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+                 in_shardings=(state_shardings, frozen_shardings,
+                               sharding.batch_sharding(mesh)),
                  out_shardings=(state_shardings, sharding.replicated(mesh)),
                  donate_argnums=(0,))
 
@@ -162,11 +174,14 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Any) -> dict[st
   abstract_params = jax.eval_shape(task.init_params, jax.random.PRNGKey(0))
   tx, schedule = make_optimizer(config, abstract_params, total_steps, warmup_steps)
   abstract_state, state_shardings, init_state = prepare_state(task, tx, config, mesh)
+  frozen, frozen_meta = task.load_frozen()
+  frozen, frozen_shardings = place_frozen(frozen, config, mesh)
 
   # --- Init or resume --------------------------------------------------------
   ckpt = checkpoint.Checkpointer(workdir, config.keep_checkpoints)
   latest = ckpt.latest_step()
   if latest is not None:
+    ckpt.check_frozen(latest, frozen_meta)
     state, _ = ckpt.restore(latest, abstract_state, data_iter)
     logging.info("Resumed from step %d in %s", latest, ckpt.directory)
   else:
@@ -176,7 +191,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Any) -> dict[st
                "%d train examples", f"{count_params(abstract_params):,}", dict(mesh.shape),
                config.batch_size, total_steps, warmup_steps, loader.num_records)
 
-  train_step = jit_train_step(task, tx, schedule, state_shardings, mesh)
+  for name, source in frozen_meta.items():
+    logging.info("Frozen %s: %s (sha256 %s), %s parameters, not trained or checkpointed",
+                 name, source["path"], source["sha256"][:12], f"{count_params(frozen[name]):,}")
+  train_step = jit_train_step(task, tx, schedule, state_shardings, frozen_shardings, mesh)
 
   figure_images = None
   # Every process computes the figure (params may be sharded across hosts); one writes it.
@@ -231,7 +249,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Any) -> dict[st
   try:
     while step < total_steps:
       batch = sharding.global_batch(next(data_iter), mesh)
-      state, step_metrics = train_step(state, batch)
+      state, step_metrics = train_step(state, frozen, batch)
       step += 1
       pending.append((step, step_metrics))
       if step == start_step + 1:
@@ -247,7 +265,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Any) -> dict[st
         last_scalars = scalars
       if step % config.checkpoint_every == 0 or final or preemption.requested:
         drain_metrics()
-        ckpt.save(step, state, data_iter, {"step": step, "config": config.to_json()})
+        ckpt.save(step, state, data_iter,
+                  {"step": step, "config": config.to_json(), "frozen": frozen_meta})
         throughput.reset_clock(step)  # images/s measures training, not the save
       if config.image_every and (step % config.image_every == 0 or final):
         write_figure(step)

@@ -1,0 +1,4 @@
+"""PyTorch / timm / MAE checkpoints <-> mim_jax params (`python -m mim_jax.convert`)."""
+
+from mim_jax.convert.converted import (Converted, arch_from_config, check_arch, content_hash,
+                                       load_converted, save_converted)

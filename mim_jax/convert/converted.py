@@ -1,0 +1,212 @@
+"""The converted-weights format training reads without torch, and mim_jax checkpoints.
+
+A converted file is one `.npz`: every parameter under its '/'-joined mim_jax path
+(`encoder/blocks_0/attn/qkv/kernel`, `decoder/pred/bias`, ...) plus `__arch__`, a
+JSON description of the architecture (see `ARCH_DEFAULTS`). `load_converted`
+also reads the params of a mim_jax training run straight from its workdir (or
+one `checkpoints/<step>` directory), so a pre-trained mim_jax model can be a
+teacher or be exported without an intermediate file.
+"""
+
+import dataclasses
+import hashlib
+import json
+import os
+from typing import Any
+
+import numpy as np
+from etils import epath
+
+from mim_jax.errors import UserError
+from mim_jax.trainer.tree import flatten_with_names
+
+ARCH_KEY = "__arch__"
+ARCH_DEFAULTS: dict[str, Any] = {
+    "patch_size": 16,
+    "image_size": 224,
+    "width": None,
+    "depth": None,
+    "num_heads": None,
+    "mlp_ratio": 4.0,
+    "posemb": "sincos",  # 'sincos': a constant, not stored; 'learn': encoder/pos_embed
+    "pool": "cls",  # 'cls' (final `norm`) or 'gap' (`fc_norm`, no `norm`)
+    "num_classes": 0,
+    "extra_attention_block": False,  # D²-MAE's attention-only block `blocks_{depth}`
+    "decoder": None,  # None or {'width', 'depth', 'num_heads'}
+    "source": "",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Converted:
+  """Params ({'encoder', optional 'decoder', optional 'distill'}), architecture, hash."""
+  params: dict[str, Any]
+  arch: dict[str, Any]
+  sha256: str
+  path: str
+
+  def encoder_kwargs(self) -> dict[str, Any]:
+    """Keyword arguments of `models.vit.VisionTransformer` for this encoder."""
+    return encoder_kwargs(self.arch)
+
+
+def encoder_kwargs(arch: dict[str, Any]) -> dict[str, Any]:
+  keys = ("patch_size", "width", "depth", "num_heads", "mlp_ratio", "posemb", "pool",
+          "num_classes")
+  return {k: arch[k] for k in keys}
+
+
+def check_arch(arch: dict[str, Any]) -> dict[str, Any]:
+  """Fills defaults and rejects incomplete or unknown architecture descriptions."""
+  unknown = sorted(set(arch) - set(ARCH_DEFAULTS))
+  if unknown:
+    raise UserError(f"unknown architecture keys {unknown}; known: {sorted(ARCH_DEFAULTS)}")
+  full = {**ARCH_DEFAULTS, **arch}
+  missing = [k for k in ("width", "depth", "num_heads") if not full[k]]
+  if missing:
+    raise UserError(f"architecture description lacks {missing}")
+  if full["posemb"] not in ("sincos", "learn") or full["pool"] not in ("cls", "gap"):
+    raise UserError(f"architecture has posemb={full['posemb']!r} (sincos|learn) and "
+                    f"pool={full['pool']!r} (cls|gap)")
+  if full["decoder"] is not None:
+    decoder_missing = {"width", "depth", "num_heads"} - set(full["decoder"])
+    if decoder_missing:
+      raise UserError(f"decoder description lacks {sorted(decoder_missing)}")
+  return full
+
+
+def content_hash(params: Any) -> str:
+  """sha256 over every leaf's name, dtype, shape and bytes (independent of file format)."""
+  digest = hashlib.sha256()
+  for name, leaf in sorted(flatten_with_names(params).items()):
+    array = np.ascontiguousarray(np.asarray(leaf))
+    digest.update(f"{name}|{array.dtype.str}|{array.shape}|".encode())
+    digest.update(array.tobytes())
+  return digest.hexdigest()
+
+
+def unflatten(flat: dict[str, np.ndarray]) -> dict[str, Any]:
+  tree: dict[str, Any] = {}
+  for name, value in flat.items():
+    node = tree
+    *parents, leaf = name.split("/")
+    for part in parents:
+      node = node.setdefault(part, {})
+    node[leaf] = value
+  return tree
+
+
+def save_converted(path: str, params: dict[str, Any], arch: dict[str, Any]) -> str:
+  """Writes `params` and `arch` to `path` (.npz); returns the content hash."""
+  if not str(path).endswith(".npz"):
+    raise UserError(f"converted weights are written as .npz; got {path!r}")
+  if "encoder" not in params:
+    raise UserError(f"params have no 'encoder' entry (top level: {sorted(params)})")
+  arch = check_arch(arch)
+  flat = {name: np.asarray(leaf) for name, leaf in flatten_with_names(params).items()}
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  partial = f"{path}.partial.npz"  # never leave a half-written file under the real name
+  np.savez(partial, **flat, **{ARCH_KEY: np.asarray(json.dumps(arch))})
+  os.replace(partial, path)
+  return content_hash(params)
+
+
+def load_converted(path: str) -> Converted:
+  """Reads a converted `.npz`, a mim_jax workdir (latest step) or a checkpoint step dir."""
+  path = os.fspath(path)
+  if not os.path.exists(path):
+    raise UserError(f"no such file or directory: {path!r} (expected a converted .npz from "
+                    f"`python -m mim_jax.convert from_torch` or a mim_jax workdir)")
+  if os.path.isdir(path):
+    params, arch = _read_training_checkpoint(path)
+  else:
+    params, arch = _read_npz(path)
+  return Converted(params=params, arch=arch, sha256=content_hash(params), path=path)
+
+
+def _read_npz(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
+  try:
+    with np.load(path, allow_pickle=False) as data:
+      flat = {name: data[name] for name in data.files}
+  except Exception as error:  # zipfile/pickle/format errors all mean "not ours"
+    raise UserError(f"{path!r} is not a converted .npz ({type(error).__name__}: {error}); "
+                    f"PyTorch checkpoints are converted first with `python -m mim_jax.convert "
+                    f"from_torch {path} OUT.npz`") from None
+  if ARCH_KEY not in flat:
+    names = sorted(flat)[:5]
+    raise UserError(f"{path!r} has no {ARCH_KEY} entry, so it was not written by mim_jax's "
+                    f"converter (found {len(flat)} arrays, e.g. {names})")
+  arch = check_arch(json.loads(str(flat.pop(ARCH_KEY))))
+  return unflatten(flat), arch
+
+
+# ----------------------------------------------------------------------------
+# mim_jax training checkpoints
+# ----------------------------------------------------------------------------
+def _step_directory(path: str) -> str:
+  """A workdir, its checkpoints/ dir or one step dir -> the step dir to read."""
+  if os.path.isdir(os.path.join(path, "state")):
+    return path
+  checkpoints = os.path.join(path, "checkpoints")
+  if not os.path.isdir(checkpoints):
+    checkpoints = path
+  steps = [int(name) for name in os.listdir(checkpoints)
+           if name.isdigit() and os.path.isdir(os.path.join(checkpoints, name, "state"))]
+  if not steps:
+    raise UserError(f"{path!r} holds no mim_jax checkpoint (no checkpoints/<step>/state); "
+                    f"give a workdir of `python -m mim_jax.train` or a converted .npz")
+  return os.path.join(checkpoints, str(max(steps)))
+
+
+def arch_from_config(config: dict[str, Any], source: str = "") -> dict[str, Any]:
+  """The architecture of a pre-training config (as stored in checkpoint metadata)."""
+  from mim_jax.models.vit import encoder_kwargs as variant_kwargs  # pylint: disable=g-import-not-at-top
+  model = config["model"]
+  enc = variant_kwargs(model.get("variant") or None, width=model.get("width"),
+                       depth=model.get("depth"), num_heads=model.get("num_heads"))
+  decoder = model.get("decoder")
+  return check_arch({
+      "patch_size": model["patch_size"], "image_size": config["image_size"],
+      "width": enc["width"], "depth": enc["depth"], "num_heads": enc["num_heads"],
+      "mlp_ratio": model.get("mlp_ratio", 4.0), "posemb": "sincos", "pool": "cls",
+      "num_classes": 0, "extra_attention_block": bool(model.get("extra_attention_block")),
+      "decoder": ({k: decoder[k] for k in ("width", "depth", "num_heads")}
+                  if decoder else None),
+      "source": source,
+  })
+
+
+def _read_training_checkpoint(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  step_dir = _step_directory(path)
+  meta_path = os.path.join(step_dir, "meta", "metadata")
+  try:
+    with open(meta_path, encoding="utf-8") as f:
+      meta = json.load(f)
+    config = json.loads(meta["config"])
+  except (OSError, KeyError, ValueError) as error:
+    raise UserError(f"cannot read the run configuration of {step_dir!r} ({error}); it is "
+                    f"not a complete mim_jax checkpoint") from None
+  handler = ocp.PyTreeCheckpointHandler()
+  state_dir = epath.Path(step_dir) / "state"
+  metadata = handler.metadata(state_dir).tree
+  if "params" not in metadata:
+    raise UserError(f"{state_dir!r} has no params (entries: {sorted(metadata)})")
+  params_meta = {"params": metadata["params"]}
+  restore_args = _tree_map_leaves(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
+                                  params_meta)
+  restored = ocp.PyTreeCheckpointer().restore(
+      state_dir, args=ocp.args.PyTreeRestore(item=params_meta, restore_args=restore_args,
+                                             partial_restore=True))
+  params = restored["params"]
+  if "encoder" not in params:
+    raise UserError(f"the checkpoint in {step_dir!r} has no encoder params "
+                    f"(top level: {sorted(params)})")
+  return params, arch_from_config(config, source=step_dir)
+
+
+def _tree_map_leaves(fn, tree):
+  if isinstance(tree, dict):
+    return {k: _tree_map_leaves(fn, v) for k, v in tree.items()}
+  return fn(tree)
