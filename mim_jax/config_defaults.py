@@ -83,3 +83,20 @@ def demo_overrides(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   config.keep_checkpoints = 2
   config.image_every = 100
   return config
+
+
+def distillation_overrides(config: ml_collections.ConfigDict, *,
+                           decoupled: bool) -> ml_collections.ConfigDict:
+  """D-MAE (method.md §3) or, with `decoupled`, D²-MAE (§4) on top of an MAE recipe.
+
+  D-MAE: student layer 12's attention logits <-> teacher layer 12, alpha 1.
+  D²-MAE: a 13th attention-only block distilled to teacher layer 12; the decoder
+  reads block 8.
+  """
+  depth = config.model.depth or 12
+  config.task = "d2mae" if decoupled else "dmae"
+  config.model.extra_attention_block = decoupled
+  config.model.decoder_layer = 8 if decoupled else None
+  config.distill.attn_pairs = ((depth + 1, 12),) if decoupled else ((depth, 12),)
+  config.distill.attn_weight = 1.0
+  return config

@@ -9,6 +9,8 @@ import sys
 import pytest
 from ml_collections import config_flags
 
+from conftest import make_teacher
+from mim_jax.tasks.distill import DistillationTask
 from mim_jax.tasks.registry import build_task
 from mim_jax.trainer import loop
 
@@ -28,7 +30,9 @@ def test_there_are_configs():
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=os.path.basename)
 def test_config_builds_and_demo_runs_one_step(path, tmp_path):
   full = load(path)
-  task = build_task(full)  # validates the full recipe and builds its model
+  distilled = full.task in ("dmae", "d2mae")
+  # Validates the full recipe and builds its model (a teacher file is the user's to give).
+  task = DistillationTask(full, random_teacher=True) if distilled else build_task(full)
   assert task.num_patches == (full.image_size // full.model.patch_size) ** 2
   demo = load(path, "demo")
   demo.lock()
@@ -36,6 +40,10 @@ def test_config_builds_and_demo_runs_one_step(path, tmp_path):
   demo.image_every = 1
   demo.data.worker_count = 0
   demo.data.data_dir = str(tmp_path / "demo_tfds")
+  if distilled:  # a 12-block teacher of the demo's patch size, small to keep this fast
+    demo.distill.teacher = make_teacher(tmp_path / "teacher.npz", width=32, depth=12,
+                                        num_heads=4, patch_size=demo.model.patch_size,
+                                        image_size=demo.image_size)
   result = loop.train(demo, str(tmp_path / "wd"), build_task(demo))
   assert result["loss"] > 0
   assert os.listdir(tmp_path / "wd" / "reconstructions")
