@@ -2,3 +2,4 @@
 
 from mim_jax.convert.converted import (Converted, arch_from_config, check_arch, content_hash,
                                        load_converted, save_converted)
+from mim_jax.convert.torch_io import convert_from_torch, export_to_torch
