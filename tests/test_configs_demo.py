@@ -57,13 +57,20 @@ def test_demo_job_end_to_end(tmp_path):
   result = subprocess.run(
       [sys.executable, "-m", "mim_jax.demo", f"--workdir={workdir}",
        f"--config.data.data_dir={tmp_path / 'demo_tfds'}", "--config.total_steps=30",
-       "--config.log_every=10", "--config.image_every=30", "--config.model.depth=4"],
+       "--config.log_every=10", "--config.image_every=30", "--config.model.depth=4",
+       "--student_width=48", "--student_heads=6"],
       capture_output=True, text=True, timeout=900, env=env)
   assert result.returncode == 0, result.stderr[-3000:]
-  assert "MAE demo finished" in result.stdout
-  records = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
-  assert [r["step"] for r in records] == [10, 20, 30]
-  assert all({"step", "loss", "lr", "images_per_sec"} <= set(r) for r in records)
-  assert records[-1]["loss"] < records[0]["loss"]  # it learns something in 30 steps
-  assert os.path.exists(workdir / "reconstructions" / "step_00000030.png")
-  assert glob.glob(str(workdir / "tensorboard" / "events.out.tfevents.*"))
+  assert "mim_jax demo finished" in result.stdout
+  for stage in ("teacher", "d2mae_student", "mae_student"):
+    records = [json.loads(line) for line in open(workdir / stage / "metrics.jsonl")]
+    assert [r["step"] for r in records] == [10, 20, 30], stage
+    assert all({"step", "loss", "loss_rec", "lr", "images_per_sec"} <= set(r) for r in records)
+    assert records[-1]["loss"] < records[0]["loss"], stage  # each learns in 30 steps
+    assert os.path.exists(workdir / stage / "reconstructions" / "step_00000030.png")
+    assert glob.glob(str(workdir / stage / "tensorboard" / "events.out.tfevents.*"))
+    assert ("loss_attn" in records[-1]) == (stage == "d2mae_student")
+    assert stage in result.stdout
+  # The D²-MAE student really is the teacher's pupil: its checkpoint records the teacher.
+  meta = json.load(open(workdir / "d2mae_student" / "checkpoints" / "30" / "meta" / "metadata"))
+  assert meta["frozen"]["teacher"]["path"] == str(workdir / "teacher")
