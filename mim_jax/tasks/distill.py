@@ -220,7 +220,8 @@ class DistillationTask(MaePretrainTask):
     dtype = jnp.dtype(config.model.dtype)
     if random_teacher:
       if not config.distill.teacher_variant:
-        raise ConfigError("a random teacher needs distill.teacher_variant")
+        raise ConfigError("without distill.teacher a random teacher is used, which needs "
+                        "distill.teacher_variant (e.g. --config.distill.teacher_variant=base)")
       self.source = None
       arch = converted.check_arch({**VARIANTS[config.distill.teacher_variant],
                                    "patch_size": self.patch_size,
