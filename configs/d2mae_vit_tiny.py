@@ -26,10 +26,4 @@ from mim_jax import config_defaults
 
 
 def get_config(arg: str | None = None):
-  config = config_defaults.base_config()
-  if arg == "demo":
-    config = config_defaults.demo_overrides(config)
-    config.distill.teacher_variant = ""  # the demo teacher is whatever mim_jax run you give
-  elif arg:
-    raise ValueError(f"unknown config argument {arg!r}; use 'demo' or nothing")
-  return config_defaults.distillation_overrides(config, decoupled=True)
+  return config_defaults.distillation_overrides(config_defaults.recipe(arg), decoupled=True)

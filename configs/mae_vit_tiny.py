@@ -18,9 +18,4 @@ from mim_jax import config_defaults
 
 
 def get_config(arg: str | None = None):
-  config = config_defaults.base_config()
-  if arg == "demo":
-    config = config_defaults.demo_overrides(config)
-  elif arg:
-    raise ValueError(f"unknown config argument {arg!r}; use 'demo' or nothing")
-  return config
+  return config_defaults.recipe(arg)

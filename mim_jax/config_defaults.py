@@ -82,7 +82,17 @@ def demo_overrides(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   config.checkpoint_every = 100
   config.keep_checkpoints = 2
   config.image_every = 100
+  config.distill.teacher_variant = ""  # a demo teacher is whatever mim_jax run you give
   return config
+
+
+def recipe(arg: str | None) -> ml_collections.ConfigDict:
+  """`base_config()`, or with arg 'demo' its laptop-sized version (a config file's argument)."""
+  if arg == "demo":
+    return demo_overrides(base_config())
+  if arg:
+    raise ValueError(f"unknown config argument {arg!r}; use 'demo' or nothing")
+  return base_config()
 
 
 def distillation_overrides(config: ml_collections.ConfigDict, *,

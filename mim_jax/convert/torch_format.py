@@ -44,6 +44,7 @@ from absl import logging
 
 from mim_jax.errors import UserError
 from mim_jax.models import posembed
+from mim_jax.trainer.tree import shape_problems
 
 # Heads cannot be read off the weights. Encoder: MAE-Lite's convention (ViT-Tiny and
 # -Small with 12 heads; mim_jax.models.vit.VARIANTS). Decoder: MAE's 512-wide
@@ -379,23 +380,19 @@ def _full_pos_embed(table: np.ndarray, grid: int) -> np.ndarray:
   return table
 
 
+def _report(problems: dict[str, list[str]], kind_names: dict[str, str]) -> str:
+  return "; ".join(f"{kind_names[kind]}: {listing(names)}" for kind, names in problems.items())
+
+
 def _check_strict(state_dict: dict[str, Any], expected: dict[str, tuple[int, ...]],
                   arch: dict[str, Any], source: str) -> None:
-  missing = [k for k in expected if k not in state_dict]
-  unexpected = [k for k in state_dict if k not in expected]
-  mismatched = [f"{k} {tuple(np.shape(state_dict[k]))} != {shape}"
-                for k, shape in expected.items()
-                if k in state_dict and tuple(np.shape(state_dict[k])) != shape]
-  problems = []
-  if missing:
-    problems.append(f"missing keys: {listing(missing)}")
-  if unexpected:
-    problems.append(f"unexpected keys: {listing(unexpected)}")
-  if mismatched:
-    problems.append(f"shape mismatches (got != expected): {listing(mismatched)}")
+  found = {k: tuple(np.shape(v)) for k, v in state_dict.items()}
+  problems = shape_problems(found, expected)
   if problems:
+    report = _report(problems, {"missing": "missing keys", "unexpected": "unexpected keys",
+                                "mismatched": "shape mismatches (got != expected)"})
     raise UserError(f"{_where(source)}the state_dict does not match the ViT its shapes "
-                    f"describe ({describe_arch(arch)}): {'; '.join(problems)}")
+                    f"describe ({describe_arch(arch)}): {report}")
 
 
 def describe_arch(arch: dict[str, Any]) -> str:
@@ -505,22 +502,17 @@ def _check_params(params: dict[str, Any], entries: list[Entry], arch: dict[str, 
     expected[("encoder", "pos_embed")] = (1, 1 + grid * grid, arch["width"])
   extra = f"blocks_{arch['depth']}" if arch["extra_attention_block"] else None
   parts = ("encoder", "decoder") if include_decoder else ("encoder",)
-  present = [p for part in parts for p in _leaf_paths(params.get(part, {}), (part,))]
-  missing = ["/".join(p) for p in expected if _get(params, p) is None]
-  unknown = ["/".join(p) for p in present if p not in expected and p[1] != extra]
-  mismatched = [f"{'/'.join(p)} {np.shape(_get(params, p))} != {s}"
-                for p, s in expected.items()
-                if _get(params, p) is not None and tuple(np.shape(_get(params, p))) != s]
-  problems = []
-  if missing:
-    problems.append(f"missing params: {listing(missing)}")
-  if unknown:
-    problems.append(f"params the architecture does not have: {listing(unknown)}")
-  if mismatched:
-    problems.append(f"shape mismatches (got != expected): {listing(mismatched)}")
+  found = {"/".join(p): tuple(np.shape(_get(params, p)))
+           for part in parts for p in _leaf_paths(params.get(part, {}), (part,))}
+  problems = shape_problems(
+      found, {"/".join(p): shape for p, shape in expected.items()},
+      ignore=lambda name: extra is not None and name.startswith(f"encoder/{extra}/"))
   if problems:
+    report = _report(problems, {"missing": "missing params",
+                                "unexpected": "params the architecture does not have",
+                                "mismatched": "shape mismatches (got != expected)"})
     raise UserError(f"the params do not match their architecture ({describe_arch(arch)}): "
-                    f"{'; '.join(problems)}")
+                    f"{report}")
 
 
 def state_dict_from_params(params: dict[str, Any], arch: dict[str, Any], *,

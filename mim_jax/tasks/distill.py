@@ -26,7 +26,7 @@ from mim_jax.models.mae import MaskedAutoencoder
 from mim_jax.models.vit import VARIANTS, VisionTransformer
 from mim_jax.objectives import distillation, reconstruction
 from mim_jax.tasks.pretrain import MaePretrainTask, autoencoder_params, normalize_images
-from mim_jax.trainer.tree import flatten_with_names
+from mim_jax.trainer.tree import flatten_with_names, shape_problems
 
 LayerPairs = tuple[tuple[int, int], ...]
 
@@ -100,20 +100,18 @@ def distillation_loss_terms(model: MaskedAutoencoder, teacher: VisionTransformer
   target = reconstruction.patchify(images, model.encoder.patch_size)
   terms = {"loss_rec": reconstruction.mae_loss(pred, target, mask.mask, norm_pix_loss)}
   loss = terms["loss_rec"]
-  if spec.attn_pairs:
-    terms["loss_attn"] = sum(
-        distillation.attention_distillation_loss(
-            student["attn_logits"][s], taught["attn_logits"][t],
-            params["distill"][mapping_name("attn", s, t)]["kernel"])
-        for s, t in spec.attn_pairs)
-    loss = loss + spec.attn_weight * terms["loss_attn"]
-  if spec.hidden_pairs:
-    terms["loss_hidden"] = sum(
-        distillation.hidden_distillation_loss(
-            student["hidden"][s], taught["hidden"][t],
-            params["distill"][mapping_name("hidden", s, t)]["kernel"])
-        for s, t in spec.hidden_pairs)
-    loss = loss + spec.hidden_weight * terms["loss_hidden"]
+  kinds = (("attn", spec.attn_pairs, spec.attn_weight, "attn_logits",
+            distillation.attention_distillation_loss),
+           ("hidden", spec.hidden_pairs, spec.hidden_weight, "hidden",
+            distillation.hidden_distillation_loss))
+  for kind, pairs, weight, output, loss_of_pair in kinds:
+    if not pairs:
+      continue
+    terms[f"loss_{kind}"] = sum(
+        loss_of_pair(student[output][s], taught[output][t],
+                     params["distill"][mapping_name(kind, s, t)]["kernel"])
+        for s, t in pairs)
+    loss = loss + weight * terms[f"loss_{kind}"]
   return loss, terms
 
 
@@ -177,13 +175,12 @@ def check_teacher_params(teacher: VisionTransformer, params: dict[str, Any], ima
   wanted = jax.eval_shape(teacher.init, jax.random.PRNGKey(0), images)["params"]
   wanted = {k: tuple(v.shape) for k, v in flatten_with_names(wanted).items()}
   found = {k: tuple(v.shape) for k, v in flatten_with_names(params).items()}
-  problems = [f"{k}: missing" for k in sorted(set(wanted) - set(found))]
-  problems += [f"{k}: unexpected" for k in sorted(set(found) - set(wanted))]
-  problems += [f"{k}: {found[k]} vs {wanted[k]}" for k in sorted(set(wanted) & set(found))
-               if found[k] != wanted[k]]
+  problems = shape_problems(found, wanted)
   if problems:
+    report = "; ".join(f"{kind}: {', '.join(sorted(names)[:8])}"
+                       for kind, names in problems.items())
     raise UserError(f"the teacher {origin} does not fit its own architecture description "
-                    f"({len(problems)} problems: {'; '.join(problems[:8])})")
+                    f"({report})")
 
 
 def validate_distill_config(config: ml_collections.ConfigDict, depth: int) -> None:

@@ -1,6 +1,6 @@
 """Small pytree helpers shared by the sharding rules, optimiser masks and checkpoints."""
 
-from typing import Any
+from typing import Any, Callable
 
 import jax
 
@@ -25,3 +25,18 @@ def flatten_with_names(tree: Any) -> dict[str, Any]:
 
 def count_params(tree: Any) -> int:
   return sum(int(x.size) for x in jax.tree.leaves(tree))
+
+
+def shape_problems(found: dict[str, tuple[int, ...]], wanted: dict[str, tuple[int, ...]],
+                   *, ignore: Callable[[str], bool] = lambda name: False) -> dict[str, list[str]]:
+  """Names missing from `found`, unexpected in it, and shapes that differ ('name got != want').
+
+  Only non-empty kinds are returned; names for which `ignore(name)` holds are skipped.
+  """
+  problems = {
+      "missing": [k for k in wanted if k not in found and not ignore(k)],
+      "unexpected": [k for k in found if k not in wanted and not ignore(k)],
+      "mismatched": [f"{k} {tuple(found[k])} != {tuple(wanted[k])}" for k in wanted
+                     if k in found and tuple(found[k]) != tuple(wanted[k]) and not ignore(k)],
+  }
+  return {kind: names for kind, names in problems.items() if names}
