@@ -86,7 +86,8 @@ def test_mapping_init_is_pytorch_default_bound():
 # ----------------------------------------------------------------------------
 def torch_reference_loss(torch, params, teacher_params, images, noise, *, patch, mask_ratio,
                          student_heads, teacher_heads, student_depth, extra_block,
-                         decoder_layer, decoder_heads, attn_pairs):
+                         decoder_layer, decoder_heads, attn_pairs, hidden_pairs=(),
+                         hidden_weight=1.0):
   """method.md §2-§4 in float64 torch, reading mim_jax's param pytrees (Dense kernels are
   (in, out); the conv kernel (p, p, 3, d) is the linear map of a (row, col, channel)
   patch)."""
@@ -125,25 +126,28 @@ def torch_reference_loss(torch, params, teacher_params, images, noise, *, patch,
   mask = torch.gather(mask, 1, ids_restore)
 
   def encode(p, heads, depth, extra, latent_layer):
+    """-> (latent, attention logits by layer, representations by layer)."""
     width = p["cls_token"].shape[-1]
     pos = torch.tensor(posembed.sincos_2d(width, grid, cls_token=True), dtype=torch.float64)
     kernel = p["patch_embed"]["proj"]["kernel"].reshape(-1, width)
     x = patches @ kernel + p["patch_embed"]["proj"]["bias"] + pos[1:]
     x = torch.gather(x, 1, ids_keep[..., None].expand(-1, -1, width))
     x = torch.cat([(p["cls_token"] + pos[:1]).expand(b, -1, -1), x], 1)
-    logits, latent = {}, None
+    logits, latent, hidden = {}, None, {0: x}
     for i in range(depth):
       x, logits[i + 1] = block(x, p[f"blocks_{i}"], heads)
       if i + 1 == latent_layer:
         latent = ln(x, p["norm"])
+      # Layer k's representation: normalised by the next block's LN1, the last by the final norm.
+      hidden[i + 1] = ln(x, p[f"blocks_{i + 1}"]["norm1"] if i + 1 < depth else p["norm"])
     if extra:
       logits[depth + 1], _ = attention_logits(ln(x, p[f"blocks_{depth}"]["norm1"]),
                                               p[f"blocks_{depth}"]["attn"], heads)
-    return latent, logits
+    return latent, logits, hidden
 
-  latent, student_logits = encode(params["encoder"], student_heads, student_depth, extra_block,
-                                  decoder_layer)
-  _, teacher_logits = encode(teacher_params, teacher_heads, len(
+  latent, student_logits, student_hidden = encode(params["encoder"], student_heads,
+                                                  student_depth, extra_block, decoder_layer)
+  _, teacher_logits, teacher_hidden = encode(teacher_params, teacher_heads, len(
       [k for k in teacher_params if k.startswith("blocks_")]), False, None)
 
   dec = params["decoder"]
@@ -167,7 +171,12 @@ def torch_reference_loss(torch, params, teacher_params, images, noise, *, patch,
     kernel = params["distill"][f"attn_s{s}_t{t}"]["kernel"]  # (h_s, h_t) = conv weight.T
     mapped = torch.einsum("ij,bjqk->biqk", kernel.T, student_logits[s])
     loss_attn = loss_attn + ((mapped - teacher_logits[t].detach())**2).mean()
-  return loss_rec + loss_attn, loss_rec, loss_attn
+  loss_hidden = 0
+  for s, t in hidden_pairs:
+    kernel = params["distill"][f"hidden_s{s}_t{t}"]["kernel"]  # (d_s, d_t) = Linear weight.T
+    loss_hidden = loss_hidden + ((student_hidden[s] @ kernel - teacher_hidden[t].detach())**2
+                                 ).mean()
+  return loss_rec + loss_attn + hidden_weight * loss_hidden, loss_rec, loss_attn, loss_hidden
 
 
 @pytest.mark.parametrize("d2", [True, False], ids=["d2mae", "dmae"])
@@ -176,6 +185,9 @@ def test_distillation_loss_and_gradients_match_torch_reference(tmp_path, d2):
   config = tiny_distill_config(make_teacher(tmp_path / "teacher.npz"), d2=d2)
   config.model.depth = 3  # D²-MAE: decoder on block 1, blocks 2-3 + extra block 4
   config.distill.attn_pairs = ((4, 3),) if d2 else ((3, 3),)
+  if not d2:  # D-MAE with the paper's ablation: hidden distillation at two layer pairs
+    config.distill.hidden_pairs = ((2, 2), (3, 3))
+    config.distill.hidden_weight = 0.5
   task = build_task(config)
   params = perturbed_params(task)
   teacher_params = task.load_frozen()[0]["teacher"]
@@ -190,14 +202,19 @@ def test_distillation_loss_and_gradients_match_torch_reference(tmp_path, d2):
   to_torch = lambda tree: jax.tree.map(
       lambda x: torch.tensor(np.asarray(x), dtype=torch.float64, requires_grad=True), tree)
   t_params, t_teacher = to_torch(params), to_torch(teacher_params)
-  t_loss, t_rec, t_attn = torch_reference_loss(
+  t_loss, t_rec, t_attn, t_hidden = torch_reference_loss(
       torch, t_params, t_teacher, torch.tensor(images, dtype=torch.float64),
       torch.tensor(noise, dtype=torch.float64), patch=8, mask_ratio=config.mask_ratio,
       student_heads=4, teacher_heads=6, student_depth=3, extra_block=d2,
-      decoder_layer=1 if d2 else 3, decoder_heads=2, attn_pairs=config.distill.attn_pairs)
+      decoder_layer=1 if d2 else 3, decoder_heads=2, attn_pairs=config.distill.attn_pairs,
+      hidden_pairs=config.distill.hidden_pairs, hidden_weight=config.distill.hidden_weight)
   t_loss.backward()
   np.testing.assert_allclose(terms["loss_rec"], t_rec.item(), rtol=1e-5)
   np.testing.assert_allclose(terms["loss_attn"], t_attn.item(), rtol=1e-5)
+  if not d2:
+    np.testing.assert_allclose(terms["loss_hidden"], t_hidden.item(), rtol=1e-5)
+  else:
+    assert "loss_hidden" not in terms
   np.testing.assert_allclose(loss, t_loss.item(), rtol=1e-5)
   t_grads = flatten_with_names(jax.tree.map(lambda t: t.grad, t_params))
   for name, grad in flatten_with_names(grads).items():
