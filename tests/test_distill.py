@@ -229,7 +229,11 @@ def test_distillation_loss_and_gradients_match_torch_reference(tmp_path, d2):
 # Where the gradients go
 # ----------------------------------------------------------------------------
 def test_d2mae_reconstruction_ignores_blocks_after_the_decoder_layer(teacher_path):
-  task = build_task(tiny_distill_config(teacher_path))  # decoder on block 1 of 2 (+ extra 3)
+  # The paper's layout, narrow: 12 blocks + the attention-only 13th, decoder on block 8.
+  config = tiny_distill_config(teacher_path)
+  config.model.update(depth=12, decoder_layer=8)
+  config.distill.attn_pairs = ((13, 3),)
+  task = build_task(config)
   params = perturbed_params(task)
   teacher = task.load_frozen()[0]["teacher"]
   images, noise = map(jnp.asarray, random_batch(task))
@@ -240,15 +244,18 @@ def test_d2mae_reconstruction_ignores_blocks_after_the_decoder_layer(teacher_pat
             for name in ("loss_rec", "loss_attn")]
 
   rec, attn = term_grads(params)
-  for block in ("blocks_1", "blocks_2"):  # blocks 2 and 3 (the attention-only one)
+  for i in range(8, 13):  # blocks 9-13 (0-based names), 13 being the attention-only one
+    block = f"blocks_{i}"
     assert not any(np.any(g) for g in jax.tree.leaves(rec["encoder"][block])), block
     assert all(np.any(g) for g in jax.tree.leaves(attn["encoder"][block])), block
-  assert all(np.any(g) for g in jax.tree.leaves(rec["encoder"]["blocks_0"]))
+  for i in range(8):  # blocks 1-8 learn from both
+    assert all(np.any(g) for g in jax.tree.leaves(rec["encoder"][f"blocks_{i}"])), i
+    assert all(np.any(g) for g in jax.tree.leaves(attn["encoder"][f"blocks_{i}"])), i
   assert all(np.any(g) for g in jax.tree.leaves(rec["decoder"]))
   assert not any(np.any(g) for g in jax.tree.leaves(rec["distill"]))
   assert all(np.any(g) for g in jax.tree.leaves(attn["distill"]))
   # The extra block has only LN1 and qkv.
-  assert sorted(flatten_with_names(params["encoder"]["blocks_2"])) == [
+  assert sorted(flatten_with_names(params["encoder"]["blocks_12"])) == [
       "attn/qkv/bias", "attn/qkv/kernel", "norm1/bias", "norm1/scale"]
 
 
