@@ -1,5 +1,6 @@
 """ViT / MAE models against an independent numpy forward and the reference counts."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -168,3 +169,37 @@ def test_image_size_not_divisible_is_an_error():
   with pytest.raises(ValueError, match="not divisible by patch size"):
     init(VisionTransformer(patch_size=16, width=32, depth=1, num_heads=4),
          jnp.zeros((1, 40, 40, 3)))
+
+
+def test_drop_path_is_per_example_and_rescales_kept_branches():
+  from mim_jax.models.vit import DropPath
+  x = jnp.ones((4000, 3, 2))
+  out = DropPath(0.25).apply({}, x, False, rngs={"dropout": jax.random.PRNGKey(0)})
+  per_example = np.asarray(out).reshape(4000, -1)
+  # Every example is either dropped entirely or kept and scaled by 1 / 0.75.
+  assert set(np.unique(per_example)) <= {0.0, np.float32(1 / 0.75)}
+  assert np.all(per_example.min(1) == per_example.max(1))
+  assert abs((per_example[:, 0] == 0).mean() - 0.25) < 0.03
+  np.testing.assert_array_equal(DropPath(0.25).apply({}, x, True), x)
+
+
+def test_stochastic_depth_only_in_training_and_linspace_per_block():
+  model = VisionTransformer(patch_size=8, width=32, depth=3, num_heads=4,
+                            drop_path_rate=0.3)
+  images = jnp.asarray(np.random.RandomState(0).standard_normal((2, 16, 16, 3)), jnp.float32)
+  params = model.init(jax.random.PRNGKey(0), images)
+  plain = VisionTransformer(patch_size=8, width=32, depth=3, num_heads=4)
+  np.testing.assert_array_equal(model.apply(params, images)["tokens"],
+                                plain.apply(params, images)["tokens"])
+  trained = model.apply(params, images, train=True, rngs={"dropout": jax.random.PRNGKey(1)})
+  assert not np.allclose(trained["tokens"], plain.apply(params, images)["tokens"])
+  rates = []
+
+  def record_rates(next_fun, args, kwargs, context):
+    if type(context.module).__name__ == "DropPath":
+      rates.append(context.module.rate)
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(record_rates):
+    model.apply(params, images, train=True, rngs={"dropout": jax.random.PRNGKey(1)})
+  np.testing.assert_allclose(sorted(set(rates)), [0.0, 0.15, 0.3])  # torch.linspace(0, .3, 3)

@@ -85,23 +85,41 @@ class Mlp(nn.Module):
     return nn.Dense(width, kernel_init=dense_init, dtype=self.dtype, name="fc2")(x)
 
 
+class DropPath(nn.Module):
+  """Stochastic depth (timm's DropPath): zero a residual branch per example with
+  probability `rate`, scale the kept ones by 1 / (1 - rate). Uses the 'dropout' rng."""
+  rate: float
+
+  @nn.compact
+  def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
+    if deterministic or self.rate == 0.0:
+      return x
+    keep = 1.0 - self.rate
+    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+    mask = jax.random.bernoulli(self.make_rng("dropout"), keep, shape)
+    return jnp.where(mask, x / keep, jnp.zeros_like(x))
+
+
 class Block(nn.Module):
   """Pre-norm transformer block. Returns (output, attention logits, LN1(input))."""
   num_heads: int
   mlp_ratio: float = 4.0
   dtype: Any = jnp.float32
   attention_only: bool = False
+  drop_path: float = 0.0
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  def __call__(self, x: jax.Array,
+               deterministic: bool = True) -> tuple[jax.Array, jax.Array, jax.Array]:
     normed = layer_norm("norm1", self.dtype)(x)
     attn_out, logits = Attention(self.num_heads, self.dtype, self.attention_only,
                                  name="attn")(normed)
     if self.attention_only:
       return x, logits, normed
-    x = x + attn_out
-    x = x + Mlp(int(x.shape[-1] * self.mlp_ratio), self.dtype,
-                name="mlp")(layer_norm("norm2", self.dtype)(x))
+    drop = DropPath(self.drop_path)
+    x = x + drop(attn_out, deterministic)
+    x = x + drop(Mlp(int(x.shape[-1] * self.mlp_ratio), self.dtype,
+                     name="mlp")(layer_norm("norm2", self.dtype)(x)), deterministic)
     return x, logits, normed
 
 
@@ -130,6 +148,8 @@ class VisionTransformer(nn.Module):
     extra_attention_block: D²-MAE's block `depth + 1` (params `blocks_{depth}`): LN1 and
       qkv on the last block's output, only for its attention logits (layer depth + 1).
       It changes no output; exports and fine-tuning drop it.
+    drop_path_rate: stochastic depth of the last block; block i gets
+      rate * i / (depth - 1) (timm's linspace), active only with `train=True`.
   """
   patch_size: int = 16
   width: int = 192
@@ -140,6 +160,7 @@ class VisionTransformer(nn.Module):
   num_classes: int = 0
   pool: str = "cls"
   extra_attention_block: bool = False
+  drop_path_rate: float = 0.0
   dtype: Any = jnp.float32
 
   def grid_size(self, image_size: int) -> int:
@@ -159,7 +180,7 @@ class VisionTransformer(nn.Module):
   @nn.compact
   def __call__(self, images: jax.Array, *, ids_keep: jax.Array | None = None,
                capture_layers: Sequence[int] = (),
-               latent_layer: int | None = None) -> dict[str, Any]:
+               latent_layer: int | None = None, train: bool = False) -> dict[str, Any]:
     """Encodes normalised images (B, H, W, 3).
 
     Args:
@@ -172,6 +193,7 @@ class VisionTransformer(nn.Module):
         layer depth + 1 has attention logits only.
       latent_layer: also return 'latent', the final norm applied to the output of
         this block (D²-MAE's decoder reads block 8); None = no latent.
+      train: enables stochastic depth (needs a 'dropout' rng when drop_path_rate > 0).
 
     Returns:
       dict with 'tokens' (B, N, d) final-norm output (raw for pool='gap'), 'attn_logits' and 'hidden'
@@ -207,8 +229,10 @@ class VisionTransformer(nn.Module):
     latent_input = None
     for i in range(attention_layers):
       extra = i == self.depth
-      x, logits, normed_input = Block(self.num_heads, self.mlp_ratio, self.dtype,
-                                      attention_only=extra, name=f"blocks_{i}")(x)
+      x, logits, normed_input = Block(
+          self.num_heads, self.mlp_ratio, self.dtype, attention_only=extra,
+          drop_path=0.0 if extra else self.drop_path_rate * i / max(self.depth - 1, 1),
+          name=f"blocks_{i}")(x, not train)
       if i in capture_layers and not extra:  # block i+1 normalises block i's output
         hidden[i] = normed_input
       if i + 1 in capture_layers:
