@@ -1,11 +1,13 @@
-"""Optax AdamW with MAE's schedule and weight-decay exclusions."""
+"""Optax AdamW, MAE's schedule and weight-decay exclusions; layer-wise lr decay (fine-tuning)."""
 
 import re
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 
+from mim_jax.errors import ConfigError
 from mim_jax.trainer.tree import path_str
 
 # Weight decay applies to matrices and conv kernels only: biases, LayerNorm scales,
@@ -36,3 +38,103 @@ def warmup_cosine(peak_lr: float, warmup_steps: int, total_steps: int,
 def adamw(schedule: optax.Schedule, *, b1: float, b2: float, weight_decay: float,
           decay_mask: Any) -> optax.GradientTransformation:
   return optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay, mask=decay_mask)
+
+
+# ---------------------------------------------------------------------------
+# Fine-tuning (method.md §5): layer-wise lr decay and MAE's weight-decay rule.
+
+# Leaves that are never decayed although they have ndim >= 2 (MAE / timm
+# `no_weight_decay()`: tokens and position embeddings).
+NO_DECAY_NAMES = frozenset({"cls_token", "pos_embed", "mask_token", "dist_token"})
+# Top-level encoder names that belong to layer 0 (MAE `get_layer_id_for_vit`).
+EMBEDDING_NAMES = frozenset({"patch_embed", "cls_token", "pos_embed"})
+_BLOCK = re.compile(r"blocks_(\d+)")
+
+
+def finetune_weight_decay_mask(params: Any) -> Any:
+  """MAE's fine-tuning rule: decay every leaf with ndim >= 2 except tokens / position embeddings.
+
+  Works on arrays and on `jax.eval_shape` structs. Why both this and
+  `weight_decay_mask`: pre-training selects by name (`kernel` leaves), fine-tuning
+  by shape as MAE's `param_groups_lrd` (`p.ndim == 1 or n in no_weight_decay_list`).
+  On mim_jax's ViT the two agree leaf for leaf (tests check it); the shape rule
+  also decays a 2-D leaf that is not called `kernel` (e.g. one a later head adds),
+  which is what MAE / timm would do with the same weights, and is what the
+  fine-tuning recipe is compared against.
+  """
+  def decays(path: tuple[Any, ...], leaf: Any) -> bool:
+    name = path_str(path).rsplit("/", 1)[-1]
+    return len(leaf.shape) >= 2 and name not in NO_DECAY_NAMES
+  return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def layer_id(path: str, depth: int) -> int:
+  """MAE's `get_layer_id_for_vit` on a mim_jax param path.
+
+  Patch embedding, cls token and position embedding -> 0; `blocks_{i}` -> i + 1;
+  anything else (`norm`, `fc_norm`, `head`, ...) -> depth + 1. A leading `params/`
+  and/or `encoder/` is ignored, so encoder trees and wrapped trees both work.
+
+  Raises:
+    ConfigError: a `blocks_{i}` with i >= depth (the tree has more blocks than
+      `depth`, e.g. D²-MAE's attention-only block, which fine-tuning drops).
+  """
+  parts = path.split("/")
+  for prefix in ("params", "encoder"):
+    if len(parts) > 1 and parts[0] == prefix:
+      parts = parts[1:]
+  top = parts[0]
+  if top in EMBEDDING_NAMES:
+    return 0
+  block = _BLOCK.fullmatch(top)
+  if block:
+    index = int(block.group(1))
+    if index >= depth:
+      raise ConfigError(f"param {path!r} is block {index + 1} but the model depth is {depth}; "
+                        "set the right depth or drop extra blocks (D²-MAE's 13th) first")
+    return index + 1
+  return depth + 1
+
+
+def _check_layer_decay(depth: int, decay: float) -> None:
+  if not isinstance(depth, int) or depth < 1:
+    raise ConfigError(f"layer-wise lr decay needs depth >= 1, got {depth!r}")
+  if not 0.0 < decay <= 1.0:
+    raise ConfigError(f"layer_decay must be in (0, 1], got {decay}")
+
+
+def layerwise_lr_scales(params: Any, depth: int, decay: float) -> Any:
+  """A pytree of Python floats like `params`: decay ** (depth + 1 - layer_id) (head: 1.0)."""
+  _check_layer_decay(depth, decay)
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: float(decay ** (depth + 1 - layer_id(path_str(path), depth))), params)
+
+
+def scale_per_leaf(scales: Any) -> optax.GradientTransformation:
+  """Multiplies each leaf of the updates by the matching leaf of `scales` (stateless)."""
+  def init_fn(params: Any) -> optax.EmptyState:
+    if jax.tree.structure(params) != jax.tree.structure(scales):
+      raise ConfigError("lr scales do not match the params tree: "
+                        f"{jax.tree.structure(scales)} vs {jax.tree.structure(params)}")
+    return optax.EmptyState()
+
+  def update_fn(updates: Any, state: optax.EmptyState, params: Any = None):
+    del params
+    return jax.tree.map(lambda u, s: u * jnp.asarray(s, u.dtype), updates, scales), state
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def adamw_layerwise(schedule: optax.Schedule, *, b1: float, b2: float, weight_decay: float,
+                    decay_mask: Any, lr_scales: Any,
+                    eps: float = 1e-8) -> optax.GradientTransformation:
+  """AdamW where leaf p has lr schedule(step) * lr_scales[p], decay included.
+
+  Equal to PyTorch AdamW with one param group per scale (lr_group = lr * scale,
+  decoupled decay p -= lr_group * weight_decay * p where `decay_mask` is True):
+  update = -schedule(step) * scale * (m_hat / (sqrt(v_hat) + eps) + wd * mask * p).
+  `schedule(step)` is the head's lr (scale 1), which is what the loop logs.
+  """
+  return optax.chain(
+      optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask),
+      scale_per_leaf(lr_scales))
