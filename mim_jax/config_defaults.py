@@ -110,3 +110,79 @@ def distillation_overrides(config: ml_collections.ConfigDict, *,
   config.distill.attn_pairs = ((depth + 1, 12),) if decoupled else ((depth, 12),)
   config.distill.attn_weight = 1.0
   return config
+
+
+def finetune_config() -> ml_collections.ConfigDict:
+  """Every key of a fine-tuning config, with the paper's ViT-Tiny ImageNet-1K recipe (Table S1)."""
+  config = ml_collections.ConfigDict()
+  config.task = "finetune"
+  config.seed = 0
+  config.init = ""  # pre-trained weights: a mim_jax workdir or a converted .npz; "" = scratch
+  config.init_keep_blocks = config_dict.placeholder(int)  # layer reservation: keep blocks 1..k
+
+  config.batch_size = 1024
+  config.total_steps = config_dict.placeholder(int)
+  config.total_epochs = 300.0
+  config.warmup_steps = config_dict.placeholder(int)
+  config.warmup_epochs = 5.0
+  config.image_size = 224
+  config.num_classes = 1000
+
+  config.model = ml_collections.ConfigDict(dict(
+      variant="tiny", patch_size=16, width=config_dict.placeholder(int),
+      depth=config_dict.placeholder(int), num_heads=config_dict.placeholder(int),
+      mlp_ratio=4.0, dtype="float32",
+      pool="gap",  # global average pooling of patch tokens + fc_norm; 'cls' = cls token
+      drop_path_rate=0.0,
+  ))
+  config.optimizer = ml_collections.ConfigDict(dict(
+      name="adamw", base_lr=1e-3, end_lr=1e-6, b1=0.9, b2=0.999, weight_decay=0.05,
+      momentum=0.9,  # sgd only
+      layer_decay=0.85,  # lr scale decay ** (depth + 1 - layer id); None = off
+  ))
+  config.mixup = ml_collections.ConfigDict(dict(
+      mixup_alpha=0.2, cutmix_alpha=0.0, prob=1.0, switch_prob=0.5, label_smoothing=0.0))
+  config.ema_decay = config_dict.placeholder(float)  # EMA of the weights, evaluated too
+
+  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, fsdp_min_size=2**14))
+  config.data = default_data_config()
+  config.data.kind = "tfds"
+  config.data.name = "imagenet2012"
+  config.data.crop_scale = (0.08, 1.0)
+  config.data.randaug_magnitude = 10
+  config.data.randaug_mstd = 0.5
+  config.data.color_jitter = 0.3
+
+  config.eval_every = 5000  # steps; evaluation also runs at the end
+  config.eval_batch_size = 1024
+  config.allow_no_eval = False
+  config.log_every = 100
+  config.checkpoint_every = 1000
+  config.keep_checkpoints = 3
+  config.image_every = 0
+  return config
+
+
+def finetune_demo_overrides(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A fine-tuning recipe shrunk to scikit-learn's digits (shipped offline) on a laptop CPU."""
+  config.data.kind = "digits"
+  config.data.name = "mim_jax_digits"
+  config.data.digits_size = 32
+  config.data.crop_scale = (0.5, 1.0)
+  config.data.flip = False  # a mirrored digit is another symbol
+  config.image_size = 32
+  config.num_classes = 10
+  config.model.patch_size = 8
+  config.batch_size = 64
+  config.eval_batch_size = 64
+  config.total_epochs = 0.0
+  config.total_steps = 200
+  config.warmup_epochs = 0.0
+  config.warmup_steps = 20
+  config.optimizer.base_lr = 1.6e-2  # small data, 200 steps: a higher lr than ImageNet's
+  config.data.randaug_magnitude = 5  # digits survive mild RandAugment only
+  config.eval_every = 100
+  config.log_every = 20
+  config.checkpoint_every = 100
+  config.keep_checkpoints = 2
+  return config

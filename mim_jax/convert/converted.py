@@ -160,17 +160,22 @@ def _step_directory(path: str) -> str:
 
 
 def arch_from_config(config: dict[str, Any], source: str = "") -> dict[str, Any]:
-  """The architecture of a pre-training config (as stored in checkpoint metadata)."""
+  """The architecture of a pre-training or fine-tuning config (as stored in checkpoint
+  metadata): fine-tuned models have a learned position embedding, their pooling and
+  a head."""
   from mim_jax.models.vit import encoder_kwargs as variant_kwargs  # pylint: disable=g-import-not-at-top
   model = config["model"]
   enc = variant_kwargs(model.get("variant") or None, width=model.get("width"),
                        depth=model.get("depth"), num_heads=model.get("num_heads"))
   decoder = model.get("decoder")
+  finetuned = config.get("task") == "finetune"
   return check_arch({
       "patch_size": model["patch_size"], "image_size": config["image_size"],
       "width": enc["width"], "depth": enc["depth"], "num_heads": enc["num_heads"],
-      "mlp_ratio": model.get("mlp_ratio", 4.0), "posemb": "sincos", "pool": "cls",
-      "num_classes": 0, "extra_attention_block": bool(model.get("extra_attention_block")),
+      "mlp_ratio": model.get("mlp_ratio", 4.0),
+      "posemb": "learn" if finetuned else "sincos", "pool": model.get("pool", "cls"),
+      "num_classes": config.get("num_classes", 0) if finetuned else 0,
+      "extra_attention_block": bool(model.get("extra_attention_block")),
       "decoder": ({k: decoder[k] for k in ("width", "depth", "num_heads")}
                   if decoder else None),
       "source": source,
@@ -200,6 +205,8 @@ def _read_training_checkpoint(path: str) -> tuple[dict[str, Any], dict[str, Any]
       state_dir, args=ocp.args.PyTreeRestore(item=params_meta, restore_args=restore_args,
                                              partial_restore=True))
   params = restored["params"]
+  if config.get("task") == "finetune":  # a fine-tuned classifier's params are the encoder's
+    params = {"encoder": params}
   if "encoder" not in params:
     raise UserError(f"the checkpoint in {step_dir!r} has no encoder params "
                     f"(top level: {sorted(params)})")

@@ -1,9 +1,14 @@
 """grain loaders: per-process uint8 batches with checkpointable iterators.
 
+Batches hold 'image' (uint8 NHWC) and, when a loader is made with
+`with_labels=True` (classification), 'label' (int32 class indices; a source
+without labels is then an error). Pre-training loaders leave labels out.
+
 Training (`make_train_loader`): a `grain.DataLoader` over the source with an
 `IndexSampler` (global shuffle with `seed`, reshuffled every epoch, infinite
 by default) and per-process `ShardOptions(process_index, process_count,
-drop_remainder=True)`; workers decode, crop, flip and batch. Its iterator is a
+drop_remainder=True)`; workers decode, crop, flip, optionally RandAugment /
+colour-jitter (data.randaug_* / data.color_jitter, off by default) and batch. Its iterator is a
 `grain.DataLoaderIterator`: `get_state()` returns bytes and `set_state(bytes)`
 restores the exact position, and it is what grain's orbax handler saves:
 
@@ -31,7 +36,7 @@ import grain
 import numpy as np
 from absl import flags, logging
 
-from mim_jax.data import transforms
+from mim_jax.data import augment, sources, transforms
 from mim_jax.data.sources import DataError, config_value, default_data_config, get_source
 
 __all__ = ["EvalLoader", "TrainLoader", "default_data_config", "make_eval_loader",
@@ -42,7 +47,10 @@ Batch = dict[str, np.ndarray]
 
 @dataclasses.dataclass(frozen=True)
 class TrainLoader:
-  """Iterable of training batches {'image': uint8 (B, S, S, 3), 'label': int32 (B,)}, B = local batch.
+  """Iterable of training batches {'image': uint8 (B, S, S, 3)[, 'label': int32 (B,)]}.
+
+  B = local batch; 'label' is there when the loader was made `with_labels=True`;
+  `num_classes` is the source's (None when unknown or unlabelled).
 
   `iter(loader)` returns a fresh `grain.DataLoaderIterator` at the start;
   call its `set_state` to resume. With workers, the arrays are grain
@@ -56,6 +64,8 @@ class TrainLoader:
   local_batch_size: int
   num_records: int  # Records in the split, all processes together.
   process_count: int
+  num_classes: int | None = None
+  with_labels: bool = False
 
   def __iter__(self) -> grain.DataLoaderIterator:
     return iter(self.data_loader)
@@ -68,9 +78,10 @@ class TrainLoader:
 
 @dataclasses.dataclass(frozen=True)
 class EvalLoader:
-  """One pass of evaluation batches {'image', 'label', 'mask': bool (B,)}; padding has mask False.
+  """One pass of evaluation batches {'image'[, 'label'], 'mask': bool (B,)}; padding has mask False.
 
-  Every process yields exactly `num_batches` batches of `local_batch_size`.
+  Every process yields exactly `num_batches` batches of `local_batch_size`;
+  'label' is there when the loader was made `with_labels=True` (padding: 0).
   """
 
   data_loader: grain.DataLoader
@@ -79,22 +90,25 @@ class EvalLoader:
   image_size: int
   num_records: int  # Records in the split, all processes together.
   num_batches: int
+  num_classes: int | None = None
+  with_labels: bool = False
 
   def __iter__(self) -> Iterator[Batch]:
     produced = 0
-    for batch in _rebatch(self.data_loader, self.local_batch_size, self.image_size):
+    for batch in _rebatch(self.data_loader, self.local_batch_size, self.image_size,
+                          self.with_labels):
       produced += 1
       if produced > self.num_batches:  # Impossible unless the source changed underneath.
         raise RuntimeError(f"Evaluation produced more than {self.num_batches} batches.")
       yield batch
     for _ in range(self.num_batches - produced):
-      yield _padding(self.local_batch_size, self.image_size)
+      yield _padding(self.local_batch_size, self.image_size, self.with_labels)
 
 
 def make_train_loader(data_config: Any, *, global_batch_size: int, seed: int, image_size: int,
                       process_index: int = 0, process_count: int = 1,
                       worker_count: int | None = None,
-                      num_epochs: int | None = None) -> TrainLoader:
+                      num_epochs: int | None = None, with_labels: bool = False) -> TrainLoader:
   """The training loader of this process.
 
   Args:
@@ -106,16 +120,21 @@ def make_train_loader(data_config: Any, *, global_batch_size: int, seed: int, im
     process_index, process_count: this JAX process and their number (data shard).
     worker_count: grain worker processes; None = data_config.worker_count; 0 = in-process.
     num_epochs: passes over the data; None = infinite.
+    with_labels: batches also hold 'label' (int32); the source must have labels.
 
   Raises:
-    DataError: bad batch size / seed / process index, or any source error.
+    DataError: bad batch size / seed / process index / augmentation setting,
+      labels asked of a source without them, or any source error.
   """
   _ensure_absl_flags_parsed()
   local_batch_size = _local_batch_size(global_batch_size, process_index, process_count)
   if not 0 <= seed < 2**32:
     raise DataError(f"Data seed {seed} out of range: use an integer in [0, 2**32).")
+  augmentation = train_augmentation(data_config)
   split = config_value(data_config, "split")
   source = get_source(data_config, split)
+  if with_labels:
+    _check_has_labels(source, split)
   _check_shard_fits(len(source), split, local_batch_size, process_count)
   shard_options = grain.sharding.ShardOptions(process_index, process_count, drop_remainder=True)
   sampler = grain.samplers.IndexSampler(len(source), shard_options=shard_options, shuffle=True,
@@ -125,45 +144,143 @@ def make_train_loader(data_config: Any, *, global_batch_size: int, seed: int, im
           image_size, scale=tuple(config_value(data_config, "crop_scale")),
           ratio=tuple(config_value(data_config, "crop_ratio")),
           flip=bool(config_value(data_config, "flip"))),
+      *([augmentation] if augmentation is not None else []),
       transforms.SkipUndecodable(max_consecutive=local_batch_size),
+      transforms.KeepFields(_fields(with_labels)),
       grain.transforms.Batch(local_batch_size, drop_remainder=True),
   ]
   loader = _data_loader(data_config, source, sampler, operations, shard_options, worker_count)
-  logging.info("Training data: %r, process %d/%d, batch %d of %d, %d workers.", source,
+  logging.info("Training data: %r, process %d/%d, batch %d of %d, %d workers%s%s.", source,
                process_index, process_count, local_batch_size, global_batch_size,
-               loader.multiprocessing_options.num_workers)
-  return TrainLoader(loader, global_batch_size, local_batch_size, len(source), process_count)
+               loader.multiprocessing_options.num_workers, ", labels" if with_labels else "",
+               f", {augmentation}" if augmentation is not None else "")
+  return TrainLoader(loader, global_batch_size, local_batch_size, len(source), process_count,
+                     num_classes=source.num_classes, with_labels=with_labels)
 
 
 def make_eval_loader(data_config: Any, *, global_batch_size: int, image_size: int,
                      process_index: int = 0, process_count: int = 1,
-                     worker_count: int | None = None, split: str | None = None) -> EvalLoader:
+                     worker_count: int | None = None, split: str | None = None,
+                     with_labels: bool = False) -> EvalLoader:
   """The evaluation loader of this process: `split` (default data_config.eval_split), one pass.
 
   Process p reads the contiguous records [p*N/P, (p+1)*N/P) (remainder spread
-  over the first processes) in order; nothing is dropped or repeated.
+  over the first processes) in order; nothing is dropped or repeated. With
+  `with_labels`, batches hold 'label' too; for an image folder the split's class
+  folders must then be the training split's (else labels would disagree).
 
   Raises:
-    DataError: bad batch size / process index, or any source error.
+    DataError: bad batch size / process index, labels asked of a source without
+      them, class folders that differ from the training split's, or any source error.
   """
   _ensure_absl_flags_parsed()
   local_batch_size = _local_batch_size(global_batch_size, process_index, process_count)
   split = split or config_value(data_config, "eval_split")
   source = get_source(data_config, split)
+  if with_labels:
+    _check_has_labels(source, split)
+    _check_same_classes(data_config, source, split)
   shard = SliceSource(source, *_contiguous_shard(len(source), process_index, process_count))
   num_batches = math.ceil(math.ceil(len(source) / process_count) / local_batch_size)
   operations = [
       transforms.DecodeCenterCrop(image_size, config_value(data_config, "eval_resize_ratio")),
       transforms.SkipUndecodable(max_consecutive=local_batch_size),
+      transforms.KeepFields(_fields(with_labels)),
       grain.transforms.Batch(local_batch_size, drop_remainder=False),
   ]
   loader = _data_loader(data_config, shard, _sequential_sampler(len(shard)), operations,
                         grain.sharding.NoSharding(), worker_count)
-  logging.info("Eval data: %r, process %d/%d reads records [%d, %d) in %d batches of %d.",
+  logging.info("Eval data: %r, process %d/%d reads records [%d, %d) in %d batches of %d%s.",
                source, process_index, process_count, shard.start, shard.end, num_batches,
-               local_batch_size)
+               local_batch_size, ", labels" if with_labels else "")
   return EvalLoader(loader, global_batch_size, local_batch_size, image_size, len(source),
-                    num_batches)
+                    num_batches, num_classes=source.num_classes, with_labels=with_labels)
+
+
+# --------------------------------------------------------------------------- #
+# Labels
+# --------------------------------------------------------------------------- #
+
+
+def _fields(with_labels: bool) -> tuple[str, ...]:
+  return ("image", "label") if with_labels else ("image",)
+
+
+def _check_has_labels(source: Any, split: str) -> None:
+  if not source.has_labels:
+    raise DataError(f"Labels were asked for, but split {split!r} of {source!r} has none "
+                    "(data.label_key is None): set data.label_key to the label feature, "
+                    "or use a labelled data set.")
+
+
+def _check_same_classes(data_config: Any, source: Any, split: str) -> None:
+  """An image folder's evaluation split must have the training split's class folders."""
+  if not isinstance(source, sources.ImageFolderSource):
+    return  # TFDS: one ClassLabel for all splits.
+  train_split = config_value(data_config, "split")
+  train_classes = sources.image_folder_classes(config_value(data_config, "data_dir"),
+                                               train_split)
+  if source.classes != train_classes:
+    only_eval = sorted(set(source.classes) - set(train_classes))
+    only_train = sorted(set(train_classes) - set(source.classes))
+    raise DataError(f"Split {split!r} has {len(source.classes)} class folders and training "
+                    f"split {train_split!r} {len(train_classes)} (only in {split!r}: "
+                    f"{_listed(only_eval)}; only in {train_split!r}: {_listed(only_train)}), "
+                    "so their labels would disagree: give both the same class folders "
+                    "(empty ones are fine).")
+
+
+def _listed(names: Sequence[str], limit: int = 5) -> str:
+  return ", ".join(names[:limit]) + (", ..." if len(names) > limit else "") if names else "none"
+
+
+# --------------------------------------------------------------------------- #
+# Fine-tuning augmentation from the data config
+# --------------------------------------------------------------------------- #
+
+
+def train_augmentation(data_config: Any) -> transforms.Augment | None:
+  """The RandAugment / colour-jitter step the data config asks for (None: neither).
+
+  Follows timm's `create_transform`: colour jitter is left out while RandAugment
+  is on unless data.force_color_jitter (logged when that drops it).
+
+  Raises:
+    DataError: a setting out of range or of the wrong type.
+  """
+  magnitude = config_value(data_config, "randaug_magnitude")
+  mstd = _number(data_config, "randaug_mstd", low=0.0)
+  num_ops = config_value(data_config, "randaug_num_ops")
+  jitter = _number(data_config, "color_jitter", low=0.0)
+  force = config_value(data_config, "force_color_jitter")
+  if magnitude is not None:
+    magnitude = _number(data_config, "randaug_magnitude", low=0.0, high=augment.MAX_MAGNITUDE)
+  if isinstance(num_ops, bool) or not isinstance(num_ops, (int, np.integer)) or num_ops < 1:
+    raise DataError(f"data.randaug_num_ops {num_ops!r} invalid: use an integer >= 1 "
+                    "(ops per image; timm's default 2).")
+  if not isinstance(force, (bool, np.bool_)):
+    raise DataError(f"data.force_color_jitter {force!r} invalid: use True or False.")
+  rand_augment = (augment.RandAugment(magnitude, mstd, int(num_ops))
+                  if magnitude is not None else None)
+  if jitter and rand_augment is not None and not force:
+    logging.info("data.color_jitter=%s is not applied: RandAugment is on, and timm's "
+                 "create_transform (MAE's fine-tuning) then disables colour jitter; set "
+                 "data.force_color_jitter=True to apply both.", jitter)
+    jitter = 0.0
+  color_jitter = augment.ColorJitter(jitter, jitter, jitter) if jitter else None
+  if rand_augment is None and color_jitter is None:
+    return None
+  return transforms.Augment(rand_augment, color_jitter)
+
+
+def _number(data_config: Any, key: str, *, low: float, high: float = math.inf) -> float:
+  """data.<key> as a float in [low, high]."""
+  value = config_value(data_config, key)
+  if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) or (
+      not low <= value <= high):
+    allowed = f"[{low:g}, {high:g}]" if math.isfinite(high) else f">= {low:g}"
+    raise DataError(f"data.{key} {value!r} invalid: use a number {allowed}.")
+  return float(value)
 
 
 class SliceSource:
@@ -245,32 +362,34 @@ def _contiguous_shard(num_records: int, index: int, count: int) -> tuple[int, in
   return start, start + per_shard + (index < remainder)
 
 
-def _rebatch(batches: Iterable[Batch], size: int, image_size: int) -> Iterator[Batch]:
+def _rebatch(batches: Iterable[Batch], size: int, image_size: int,
+             with_labels: bool) -> Iterator[Batch]:
   """Regroups batches of any sizes into batches of `size` with a mask; pads the last one."""
+  fields = _fields(with_labels)
   pending: list[Batch] = []
   count = 0
   for batch in batches:
     pending.append(batch)
-    count += len(batch["label"])
+    count += len(batch["image"])
     while count >= size:
-      merged = {k: np.concatenate([b[k] for b in pending]) for k in ("image", "label")}
-      yield {"image": merged["image"][:size], "label": merged["label"][:size],
-             "mask": np.ones(size, bool)}
+      merged = {k: np.concatenate([b[k] for b in pending]) for k in fields}
+      yield {**{k: v[:size] for k, v in merged.items()}, "mask": np.ones(size, bool)}
       rest = {k: v[size:] for k, v in merged.items()}
       count -= size
       pending = [rest] if count else []
   if count:
-    merged = {k: np.concatenate([b[k] for b in pending]) for k in ("image", "label")}
-    pad = _padding(size - count, image_size)
-    yield {"image": np.concatenate([merged["image"], pad["image"]]),
-           "label": np.concatenate([merged["label"], pad["label"]]),
+    merged = {k: np.concatenate([b[k] for b in pending]) for k in fields}
+    pad = _padding(size - count, image_size, with_labels)
+    yield {**{k: np.concatenate([merged[k], pad[k]]) for k in fields},
            "mask": np.arange(size) < count}
 
 
-def _padding(size: int, image_size: int) -> Batch:
+def _padding(size: int, image_size: int, with_labels: bool) -> Batch:
   """`size` padding examples: black images, label 0, mask False."""
-  return {"image": np.zeros((size, image_size, image_size, 3), np.uint8),
-          "label": np.zeros((size,), np.int32), "mask": np.zeros(size, bool)}
+  batch = {"image": np.zeros((size, image_size, image_size, 3), np.uint8)}
+  if with_labels:
+    batch["label"] = np.zeros((size,), np.int32)
+  return {**batch, "mask": np.zeros(size, bool)}
 
 
 def _ensure_absl_flags_parsed() -> None:

@@ -1,8 +1,10 @@
 """Random-access record sources for grain: TFDS array_record data sets, image
-folders, and the embedded demo data set.
+folders, and two data sets built locally from images that ship in wheels: the
+demo photographs and scikit-learn's labelled digits.
 
-Every source returned by `get_source` has `__len__` and `__getitem__`, and its
-records are dicts
+Every source returned by `get_source` has `__len__`, `__getitem__`,
+`has_labels` (whether records carry real class indices) and `num_classes`
+(int, or None when unknown or unlabelled), and its records are dicts
 
     {'image': bytes,   # the encoded file (JPEG/PNG/...), decoded later in grain workers
      'label': int,     # class index (-1 when the data set has no labels)
@@ -15,18 +17,20 @@ run whose data moved to another path, and rejects one that reads other data.
 
 The data-config fields read here (see `default_data_config`):
 
-    kind        'demo' | 'tfds' | 'image_folder'
+    kind        'demo' | 'digits' | 'tfds' | 'image_folder'
     name        TFDS name for kind='tfds', e.g. 'imagenet2012'
     data_dir    TFDS data dir (kind='tfds'; None = TFDS default), the image-folder
-                root (kind='image_folder'), or the cache where the demo data set is
-                built (kind='demo'; None = ~/.cache/mim_jax/tfds)
+                root (kind='image_folder'), or the cache where the demo / digits data
+                sets are built (kind='demo'/'digits'; None = ~/.cache/mim_jax/tfds)
     image_key   TFDS feature holding the encoded image ('image')
     label_key   TFDS feature holding the label ('label'; None = unlabelled, label -1)
+    digits_size side the 8x8 digits are upsampled to (kind='digits'; 64)
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import io
 import os
@@ -44,8 +48,9 @@ from PIL import Image
 from mim_jax.errors import UserError
 
 DEMO_DATASET_NAME = "mim_jax_demo"
-DEFAULT_DEMO_DIR = "~/.cache/mim_jax/tfds"
-KINDS = ("demo", "tfds", "image_folder")
+DIGITS_DATASET_NAME = "mim_jax_digits"
+DEFAULT_DEMO_DIR = "~/.cache/mim_jax/tfds"  # Where kind='demo' and kind='digits' are built.
+KINDS = ("demo", "digits", "tfds", "image_folder")
 # torchvision's ImageFolder extensions (compared case-insensitively).
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -61,7 +66,8 @@ def default_data_config() -> config_dict.ConfigDict:
   """All data-config fields with their defaults; config files start from this.
 
   Fields:
-    kind: 'demo' (embedded photos, no download), 'tfds' or 'image_folder'.
+    kind: 'demo' (embedded photos, no download), 'digits' (scikit-learn's digits,
+      upsampled, no download), 'tfds' or 'image_folder'.
     name: TFDS data set name (kind='tfds').
     data_dir: TFDS data dir / image-folder root / demo cache dir (see module doc).
     split: training split; eval_split: evaluation split (TFDS slicing such as
@@ -71,7 +77,22 @@ def default_data_config() -> config_dict.ConfigDict:
     crop_ratio: RandomResizedCrop aspect-ratio range (sampled in log space).
     flip: random horizontal flip with probability 0.5.
     eval_resize_ratio: evaluation resizes the shorter side to
-      int(image_size / eval_resize_ratio), then centre-crops image_size.
+      int(image_size / eval_resize_ratio) (bicubic), then centre-crops image_size:
+      timm's / MAE's `crop_pct` (MAE: 224/256 = 0.875 up to 224 px, 1.0 above).
+    digits_size: side (px) the 8x8 digits are upsampled to, bicubic (kind='digits');
+      each size is built once as its own TFDS config ('<size>px').
+    randaug_magnitude: RandAugment magnitude m in [0, 10] (timm 'rand-m<m>-inc1',
+      2 ops of 15 increasing-severity ops, each applied with probability 0.5);
+      None = no RandAugment (default; pre-training).
+    randaug_mstd: std of the gaussian each op's magnitude is drawn from around m
+      (then clipped to [0, 10]); 0 = fixed magnitude; > 100 = uniform in [0, m]
+      (timm's 'mstd').
+    randaug_num_ops: ops drawn per image, with replacement (timm's 'n').
+    color_jitter: brightness, contrast and saturation jitter strength v (factors
+      uniform in [max(0, 1 - v), 1 + v], random order: torchvision's
+      ColorJitter(v, v, v)); 0 = off. As in timm's create_transform, it is NOT applied
+      while RandAugment is on unless force_color_jitter is set.
+    force_color_jitter: apply color_jitter after RandAugment too (timm's flag).
     worker_count: grain worker processes per JAX process (0 = in-process).
     prefetch_buffer_size: batches each worker prepares ahead.
     read_threads, read_buffer_size: per-process threads and record buffer that read
@@ -89,6 +110,12 @@ def default_data_config() -> config_dict.ConfigDict:
       "crop_ratio": (3.0 / 4.0, 4.0 / 3.0),
       "flip": True,
       "eval_resize_ratio": 0.875,
+      "digits_size": 64,
+      "randaug_magnitude": config_dict.placeholder(float),
+      "randaug_mstd": 0.0,
+      "randaug_num_ops": 2,
+      "color_jitter": 0.0,
+      "force_color_jitter": False,
       "worker_count": 2,
       "prefetch_buffer_size": 2,
       "read_threads": 8,
@@ -121,6 +148,11 @@ def get_source(data_config: Any, split: str) -> Sequence[dict[str, Any]]:
     demo_dir = os.path.expanduser(data_dir or DEFAULT_DEMO_DIR)
     build_demo_dataset(demo_dir)
     return tfds_source(MimJaxDemo(data_dir=demo_dir), split)
+  if kind == "digits":
+    digits_dir = os.path.expanduser(data_dir or DEFAULT_DEMO_DIR)
+    builder = build_digits_dataset(digits_dir, config_value(data_config, "digits_size"))
+    # The size in the name: a resumed run must read the same size (grain compares reprs).
+    return tfds_source(builder, split, name=f"{builder.name}/{builder.builder_config.name}")
   if kind == "tfds":
     builder = tfds_builder(config_value(data_config, "name"), data_dir)
     return tfds_source(builder, split, image_key=config_value(data_config, "image_key"),
@@ -140,15 +172,22 @@ class TfdsSource:
 
   Wraps `builder.as_data_source(split, decoders={image_key: SkipDecoding()})`,
   which reads without TensorFlow, and reduces records to {'image', 'label', 'id'}.
+  `num_classes` comes from the label feature when it is a `ClassLabel`.
   """
 
   def __init__(self, source: Sequence[dict[str, Any]], *, name: str, split: str,
-               image_key: str, label_key: str | None):
+               image_key: str, label_key: str | None, num_classes: int | None = None):
     self._source = source
     self._name = name
     self._split = split
     self._image_key = image_key
     self._label_key = label_key
+    self.num_classes = num_classes
+
+  @property
+  def has_labels(self) -> bool:
+    """Whether records carry class indices (a label feature is read)."""
+    return self._label_key is not None
 
   def __len__(self) -> int:
     return len(self._source)
@@ -197,8 +236,10 @@ def _build_command(name: str, data_dir: str | None) -> str:
 
 
 def tfds_source(builder: tfds.core.DatasetBuilder, split: str, *, image_key: str = "image",
-                label_key: str | None = "label") -> TfdsSource:
+                label_key: str | None = "label", name: str | None = None) -> TfdsSource:
   """Random-access source of `split` of a prepared builder, images left encoded.
+
+  `name` (default: the builder's) is what the source's repr and record ids show.
 
   Raises:
     DataError: the data set has no random-access format, or no such split/feature.
@@ -219,8 +260,18 @@ def tfds_source(builder: tfds.core.DatasetBuilder, split: str, *, image_key: str
       raise DataError(f"Feature {key!r} not in TFDS data set {builder.name!r}: set "
                       f"data.image_key / data.label_key to one of {', '.join(info.features)}.")
   source = builder.as_data_source(split, decoders={image_key: tfds.decode.SkipDecoding()})
-  return TfdsSource(source, name=builder.name, split=split, image_key=image_key,
-                    label_key=label_key)
+  return TfdsSource(source, name=name or builder.name, split=split, image_key=image_key,
+                    label_key=label_key, num_classes=_tfds_num_classes(info, label_key))
+
+
+def _tfds_num_classes(info: tfds.core.DatasetInfo, label_key: str | None) -> int | None:
+  """Classes of the label feature when it is a `ClassLabel` (None otherwise)."""
+  if label_key is None:
+    return None
+  feature = info.features[label_key]
+  if isinstance(feature, tfds.features.ClassLabel):
+    return feature.num_classes
+  return None
 
 
 # --------------------------------------------------------------------------- #
@@ -235,9 +286,11 @@ class ImageFolderSource:
   in IMAGE_EXTENSIONS case-insensitively); records are read lazily from disk.
   """
 
+  has_labels = True
+
   def __init__(self, root: str | None, split: str):
     split_dir = _split_dir(root, split)
-    self.classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir())
+    self.classes = _class_dirs(split_dir)
     if not self.classes:
       raise DataError(f"Image folder {os.fspath(split_dir)!r} has no class sub-folders: "
                       "lay it out as <root>/<split>/<class>/<image>.")
@@ -254,6 +307,11 @@ class ImageFolderSource:
                       f"{', '.join(IMAGE_EXTENSIONS)}: check data.data_dir and data.split.")
     self._labels = np.asarray(labels, np.int32)
 
+  @property
+  def num_classes(self) -> int:
+    """Class sub-folders of the split (empty ones included)."""
+    return len(self.classes)
+
   def __len__(self) -> int:
     return len(self._files)
 
@@ -264,6 +322,19 @@ class ImageFolderSource:
   def __repr__(self) -> str:
     return (f"ImageFolderSource(split={self._split!r}, num_classes={len(self.classes)}, "
             f"num_records={len(self)})")
+
+
+def image_folder_classes(root: str | None, split: str) -> list[str]:
+  """Class names of `<root>/<split>`: its sub-folders, sorted (label = position). No file walk.
+
+  Raises:
+    DataError: missing root or split folder.
+  """
+  return _class_dirs(_split_dir(root, split))
+
+
+def _class_dirs(split_dir: Path) -> list[str]:
+  return sorted(e.name for e in os.scandir(split_dir) if e.is_dir())
 
 
 def _split_dir(root: str | None, split: str) -> Path:
@@ -293,6 +364,58 @@ def _image_files(class_dir: Path) -> list[str]:
 
 
 # --------------------------------------------------------------------------- #
+# Data sets built locally (no download, no TensorFlow)
+# --------------------------------------------------------------------------- #
+
+
+class LocalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """Base of the builders whose data ship inside installed wheels: array_record by default.
+
+  Subclasses define `name`, `VERSION`, `_info`, `_split_generators`; `prepare_once`
+  builds them.
+  """
+
+  def __init__(self, **kwargs: Any):
+    kwargs.setdefault("file_format", "array_record")
+    super().__init__(**kwargs)
+
+  @tfds.core.utils.classproperty
+  @classmethod
+  def code_path(cls) -> epath.Path:
+    # TFDS 4.9.10's default looks the module up through `importlib_resources`, which
+    # it only installs on Python < 3.9, and so fails for builders outside TFDS.
+    return epath.Path(__file__)
+
+
+def prepare_once(builder_class: type[LocalBuilder], data_dir: str, **kwargs: Any) -> LocalBuilder:
+  """`builder_class(data_dir=data_dir, **kwargs)`, built first unless it already is.
+
+  Idempotent. Concurrent callers on one machine serialise on a lock file (one per
+  data set name); TFDS writes into an `incomplete.*` directory renamed into place
+  at the end, so an interrupted build is never mistaken for a finished one. The
+  builder returned is made after the build, so it reads the finished data set.
+  """
+  data_dir = os.path.expanduser(data_dir)
+  os.makedirs(data_dir, exist_ok=True)
+  with _file_lock(os.path.join(data_dir, f".{builder_class.name}.lock")):
+    builder = builder_class(data_dir=data_dir, **kwargs)
+    if not builder.is_prepared():
+      logging.info("Building the %s data set in %s", builder.name, os.fspath(builder.data_path))
+      builder.download_and_prepare(download_dir=os.path.join(data_dir, "downloads"))
+  return builder_class(data_dir=data_dir, **kwargs)
+
+
+@contextlib.contextmanager
+def _file_lock(path: str) -> Iterator[None]:
+  with open(path, "a", encoding="utf-8") as lock_file:
+    fcntl.flock(lock_file, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(lock_file, fcntl.LOCK_UN)
+
+
+# --------------------------------------------------------------------------- #
 # The embedded demo data set
 # --------------------------------------------------------------------------- #
 
@@ -308,7 +431,7 @@ _DEMO_AREA = (0.1, 1.0)         # crop area as a fraction of the photo
 _DEMO_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 
 
-class MimJaxDemo(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+class MimJaxDemo(LocalBuilder, skip_registration=True):
   """Crops of ten photographs shipped inside scikit-image / scikit-learn; label = photo.
 
   Built locally in seconds without TensorFlow or network; deterministic.
@@ -317,17 +440,6 @@ class MimJaxDemo(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   name = DEMO_DATASET_NAME
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "2,000 train / 200 validation JPEG crops of 10 photographs."}
-
-  def __init__(self, **kwargs: Any):
-    kwargs.setdefault("file_format", "array_record")
-    super().__init__(**kwargs)
-
-  @tfds.core.utils.classproperty
-  @classmethod
-  def code_path(cls) -> epath.Path:
-    # TFDS 4.9.10's default looks the module up through `importlib_resources`, which
-    # it only installs on Python < 3.9, and so fails for builders outside TFDS.
-    return epath.Path(__file__)
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
@@ -391,27 +503,113 @@ def _demo_crop_jpeg(photo: np.ndarray, rng: np.random.Generator) -> bytes:
 
 
 def build_demo_dataset(data_dir: str) -> None:
-  """Builds the demo data set under `data_dir` unless it is already built.
+  """Builds the demo data set under `data_dir` unless it is already built (see `prepare_once`)."""
+  prepare_once(MimJaxDemo, data_dir)
 
-  Idempotent. Concurrent callers on one machine serialise on a lock file; TFDS
-  writes into an `incomplete.*` directory renamed into place at the end, so an
-  interrupted build is never mistaken for a finished one.
+
+# --------------------------------------------------------------------------- #
+# scikit-learn's digits, upsampled: a small real labelled set for fine-tuning
+# --------------------------------------------------------------------------- #
+
+DIGITS_CLASSES = tuple(str(digit) for digit in range(10))
+DIGITS_VALIDATION_EVERY = 5   # The 5th, 10th, ... image of each class is validation.
+DIGITS_SIZES = (32, 64, 96, 128, 224)  # Predefined configs; any other size works too.
+_DIGITS_MAX_VALUE = 16        # load_digits pixels are counts 0..16.
+
+
+@dataclasses.dataclass(eq=False)
+class DigitsConfig(tfds.core.BuilderConfig):
+  """A `MimJaxDigits` config: the side the 8x8 digits are upsampled to."""
+
+  image_size: int = 64
+
+  @classmethod
+  def for_size(cls, image_size: int) -> DigitsConfig:
+    """The config named '<image_size>px'."""
+    return cls(name=f"{image_size}px", image_size=image_size,
+               description=f"8x8 digits upsampled to {image_size}x{image_size} (bicubic), RGB.")
+
+
+class MimJaxDigits(LocalBuilder, skip_registration=True):
+  """scikit-learn's 1,797 handwritten digits (8x8, 17 grey levels) upsampled bicubically, RGB.
+
+  Split fixed and stratified: within each class, in load_digits order, every
+  DIGITS_VALIDATION_EVERY-th image is validation (355), the rest train (1,442).
+  Pixels 0..16 become round(v * 255 / 16): white digits on black. Stored as PNG
+  with the image's position in load_digits ('index'). Deterministic, no download.
   """
-  data_dir = os.path.expanduser(data_dir)
-  os.makedirs(data_dir, exist_ok=True)
-  with _file_lock(os.path.join(data_dir, f".{DEMO_DATASET_NAME}.lock")):
-    builder = MimJaxDemo(data_dir=data_dir)
-    if builder.is_prepared():
-      return
-    logging.info("Building the %s demo data set in %s", DEMO_DATASET_NAME, data_dir)
-    builder.download_and_prepare(download_dir=os.path.join(data_dir, "downloads"))
+
+  name = DIGITS_DATASET_NAME
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "1,442 train / 355 validation upsampled digits."}
+  BUILDER_CONFIGS = [DigitsConfig.for_size(size) for size in DIGITS_SIZES]
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description=self.__doc__,
+        features=tfds.features.FeaturesDict({
+            "image": tfds.features.Image(encoding_format="png"),
+            "label": tfds.features.ClassLabel(names=DIGITS_CLASSES),
+            "index": tfds.features.Scalar(np.int64),
+        }),
+        supervised_keys=("image", "label"),
+    )
+
+  def _split_generators(self, dl_manager: Any) -> dict[str, Iterator[tuple[int, dict[str, Any]]]]:
+    del dl_manager  # Nothing to download.
+    images, labels = digits_arrays()
+    splits = digits_split_indices(labels)
+    return {split: self._generate_examples(images, labels, indices)
+            for split, indices in splits.items()}
+
+  def _generate_examples(self, images: np.ndarray, labels: np.ndarray,
+                         indices: np.ndarray) -> Iterator[tuple[int, dict[str, Any]]]:
+    size = self.builder_config.image_size
+    for index in indices:
+      yield int(index), {"image": upsampled_digit_png(images[index], size),
+                         "label": int(labels[index]), "index": int(index)}
 
 
-@contextlib.contextmanager
-def _file_lock(path: str) -> Iterator[None]:
-  with open(path, "a", encoding="utf-8") as lock_file:
-    fcntl.flock(lock_file, fcntl.LOCK_EX)
-    try:
-      yield
-    finally:
-      fcntl.flock(lock_file, fcntl.LOCK_UN)
+def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+  """scikit-learn's digits: (1797, 8, 8) float pixels in [0, 16] and int labels 0..9."""
+  from sklearn.datasets import load_digits  # pylint: disable=import-outside-toplevel
+
+  digits = load_digits()
+  return digits.images, digits.target.astype(np.int64)
+
+
+def digits_split_indices(labels: np.ndarray) -> dict[str, np.ndarray]:
+  """{'train', 'validation'} -> indices: stratified, every DIGITS_VALIDATION_EVERY-th per class."""
+  rank = np.empty(len(labels), np.int64)  # Position of each image within its class.
+  for label in np.unique(labels):
+    members = np.flatnonzero(labels == label)
+    rank[members] = np.arange(len(members))
+  validation = rank % DIGITS_VALIDATION_EVERY == DIGITS_VALIDATION_EVERY - 1
+  return {"train": np.flatnonzero(~validation), "validation": np.flatnonzero(validation)}
+
+
+def upsampled_digit_png(image: np.ndarray, size: int) -> bytes:
+  """An 8x8 digit (values 0..16) as a (size, size) RGB PNG, upsampled bicubically."""
+  grey = np.round(image * (255 / _DIGITS_MAX_VALUE)).astype(np.uint8)
+  upsampled = Image.fromarray(grey, mode="L").resize((size, size), Image.Resampling.BICUBIC)
+  buffer = io.BytesIO()
+  upsampled.convert("RGB").save(buffer, format="PNG")
+  return buffer.getvalue()
+
+
+def build_digits_dataset(data_dir: str, image_size: int) -> MimJaxDigits:
+  """The digits data set upsampled to `image_size`, built under `data_dir` unless it is already.
+
+  Raises:
+    DataError: `image_size` not an integer in [8, 1024].
+  """
+  if isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer)) or not (
+      8 <= image_size <= 1024):
+    raise DataError(f"data.digits_size {image_size!r} invalid: use an integer side in [8, 1024] "
+                    "(the digits are 8x8, upsampled).")
+  name = f"{image_size}px"
+  # A predefined config goes by name: the builder is re-made from its arguments when
+  # unpickled in a grain worker, where a config object would not be the class's own.
+  config = name if name in MimJaxDigits.builder_configs else DigitsConfig.for_size(int(image_size))
+  return prepare_once(MimJaxDigits, data_dir, config=config)

@@ -5,8 +5,10 @@ Input records are `{'image': encoded bytes, 'label': int, 'id': str}` (see
 
 Training follows torchvision's `RandomResizedCrop(S, scale, ratio,
 interpolation=BICUBIC)` + `RandomHorizontalFlip()` as used by MAE, with numpy's
-generator in place of torch's. Evaluation follows `Resize(int(S / ratio),
-BICUBIC)` + `CenterCrop(S)`.
+generator in place of torch's; fine-tuning adds `Augment` (timm's RandAugment
+and colour jitter, see `augment.py`) after them. Evaluation follows
+`Resize(int(S / ratio), BICUBIC)` + `CenterCrop(S)` (MAE's fine-tuning eval
+with ratio = crop_pct).
 
 An image that cannot be decoded becomes a *marker* record (empty image plus an
 'error' string) which `SkipUndecodable` drops, counts and logs.
@@ -33,6 +35,7 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
+from mim_jax.data import augment
 from mim_jax.data.sources import DataError
 
 Record = dict[str, Any]
@@ -199,6 +202,39 @@ class DecodeCenterCrop(_ExitsWithParent, grain.transforms.Map):
       return undecodable(element, error)
     pixels = resize_center_crop(image, self.image_size, self.resize_ratio)
     return {"image": pixels, "label": np.int32(element["label"])}
+
+
+@dataclasses.dataclass(frozen=True)
+class Augment(grain.transforms.RandomMap):
+  """RandAugment then colour jitter on the decoded, cropped uint8 image (either may be None).
+
+  Runs after `DecodeRandomResizedCrop` on the same per-record generator, as
+  timm's create_transform runs them after its crop and flip. Marker records of
+  undecodable images pass through untouched.
+  """
+
+  rand_augment: augment.RandAugment | None = None
+  color_jitter: augment.ColorJitter | None = None
+
+  def random_map(self, element: Record, rng: np.random.Generator) -> Record:
+    if "error" in element:
+      return element
+    image = Image.fromarray(element["image"])
+    if self.rand_augment is not None:
+      image = self.rand_augment(image, rng)
+    if self.color_jitter is not None:
+      image = self.color_jitter(image, rng)
+    return {**element, "image": np.asarray(image)}
+
+
+@dataclasses.dataclass(frozen=True)
+class KeepFields(grain.transforms.Map):
+  """Keeps only `fields` of each record (e.g. drops 'label' from pre-training batches)."""
+
+  fields: tuple[str, ...]
+
+  def map(self, element: Record) -> Record:
+    return {key: element[key] for key in self.fields}
 
 
 class SkipUndecodable(grain.transforms.Filter):

@@ -4,9 +4,11 @@ import ml_collections
 
 from mim_jax.errors import ConfigError
 from mim_jax.tasks.distill import DistillationTask
+from mim_jax.tasks.finetune import FinetuneTask
 from mim_jax.tasks.pretrain import MaePretrainTask
 
-TASKS = {"mae": MaePretrainTask, "dmae": DistillationTask, "d2mae": DistillationTask}
+TASKS = {"mae": MaePretrainTask, "dmae": DistillationTask, "d2mae": DistillationTask,
+         "finetune": FinetuneTask}
 
 
 def build_task(config: ml_collections.ConfigDict):

@@ -24,7 +24,7 @@ from mim_jax.data import pipeline
 from mim_jax.data.sources import DataError
 from mim_jax.errors import ConfigError, TrainingDivergedError
 from mim_jax.trainer import checkpoint, figures, metrics, optim, sharding
-from mim_jax.trainer.tree import count_params
+from mim_jax.trainer.tree import count_blocks, count_params
 
 FIGURE_EXAMPLES = 8
 
@@ -44,13 +44,36 @@ def resolve_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> tu
   return total, min(warmup, total)
 
 
+OPTIMIZERS = ("adamw", "sgd")
+
+
 def make_optimizer(config: ml_collections.ConfigDict, params: Any, total_steps: int,
-                   warmup_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+                   warmup_steps: int, decay_mask: Any = None
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """AdamW (or SGD with momentum) on the warm-up + cosine schedule.
+
+  `optimizer.layer_decay` (fine-tuning) scales each leaf's lr by
+  decay ** (depth + 1 - layer id); the logged lr is the head's. `decay_mask`
+  (default: kernels only) says where weight decay applies.
+  """
   opt = config.optimizer
   peak = optim.scaled_learning_rate(opt.base_lr, config.batch_size)
   schedule = optim.warmup_cosine(peak, warmup_steps, total_steps, opt.end_lr)
-  tx = optim.adamw(schedule, b1=opt.b1, b2=opt.b2, weight_decay=opt.weight_decay,
-                   decay_mask=optim.weight_decay_mask(params))
+  decay_mask = optim.weight_decay_mask(params) if decay_mask is None else decay_mask
+  name = opt.get("name", "adamw")
+  if name not in OPTIMIZERS:
+    raise ConfigError(f"optimizer.name={name!r} is unknown; choose from {OPTIMIZERS}")
+  layer_decay = opt.get("layer_decay")
+  if name == "adamw":
+    tx = optim.adamw(schedule, b1=opt.b1, b2=opt.b2, weight_decay=opt.weight_decay,
+                     decay_mask=decay_mask)
+  else:
+    tx = optax.chain(optax.add_decayed_weights(opt.weight_decay, decay_mask),
+                     optax.sgd(schedule, momentum=opt.momentum))
+  if layer_decay is not None:
+    depth = count_blocks(params)
+    tx = optax.chain(tx, optim.scale_per_leaf(optim.layerwise_lr_scales(params, depth,
+                                                                        layer_decay)))
   return tx, schedule
 
 
@@ -58,11 +81,12 @@ def make_optimizer(config: ml_collections.ConfigDict, params: Any, total_steps: 
 # The step
 # ----------------------------------------------------------------------------
 def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation,
-                    schedule: optax.Schedule) -> Callable:
+                    schedule: optax.Schedule, ema_decay: float | None = None) -> Callable:
   """state, frozen, batch -> state, metrics. Pure; the step's rng is fold_in(state rng, step).
 
   Only `state['params']` is differentiated and updated: `frozen` (a teacher) gets
-  no gradient and no optimizer state.
+  no gradient and no optimizer state. With `ema_decay`, `state['ema_params']` follows
+  the params: ema = decay * ema + (1 - decay) * params after every update.
   """
 
   def train_step(state: dict[str, Any], frozen: dict[str, Any], batch: dict[str, jax.Array]):
@@ -73,6 +97,9 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation,
     params = optax.apply_updates(state["params"], updates)
     new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1,
                  "rng": state["rng"]}
+    if ema_decay is not None:
+      new_state["ema_params"] = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p,
+                                             state["ema_params"], params)
     return new_state, {"loss": loss, **terms, "lr": schedule(state["step"])}
 
   return train_step
@@ -80,7 +107,8 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation,
 
 def prepare_state(task: Any, tx: optax.GradientTransformation,
                   config: ml_collections.ConfigDict, mesh: Mesh):
-  """(abstract state with shardings, shardings, init) for {params, opt_state, step, rng}.
+  """(abstract state with shardings, shardings, init) for {params, opt_state, step, rng}
+  (+ ema_params when config.ema_decay is set).
 
   `init()` builds the state directly sharded: each device only ever holds its shard.
   """
@@ -88,8 +116,11 @@ def prepare_state(task: Any, tx: optax.GradientTransformation,
 
   def init_state(rng: jax.Array) -> dict[str, Any]:
     params = task.init_params(rng)
-    return {"params": params, "opt_state": tx.init(params),
-            "step": jnp.zeros((), jnp.int32), "rng": train_rng}
+    state = {"params": params, "opt_state": tx.init(params),
+             "step": jnp.zeros((), jnp.int32), "rng": train_rng}
+    if config.get("ema_decay") is not None:
+      state["ema_params"] = params
+    return state
 
   abstract = jax.eval_shape(init_state, init_rng)
   shardings = sharding.tree_shardings(abstract, mesh, fsdp_min_size=config.mesh.fsdp_min_size)
@@ -107,11 +138,50 @@ def place_frozen(frozen: Any, config: ml_collections.ConfigDict, mesh: Mesh) -> 
 def jit_train_step(task: Any, tx: optax.GradientTransformation, schedule: optax.Schedule,
                    state_shardings: Any, frozen_shardings: Any, mesh: Mesh) -> Callable:
   """The jitted step: state donated, frozen kept, batch split over the mesh, metrics replicated."""
-  return jax.jit(make_train_step(task.loss_fn, tx, schedule),
+  return jax.jit(make_train_step(task.loss_fn, tx, schedule, task.config.get("ema_decay")),
                  in_shardings=(state_shardings, frozen_shardings,
                                sharding.batch_sharding(mesh)),
                  out_shardings=(state_shardings, sharding.replicated(mesh)),
                  donate_argnums=(0,))
+
+
+def make_evaluator(task: Any, config: ml_collections.ConfigDict,
+                   mesh: Mesh) -> Callable[[Any, str], dict[str, float]] | None:
+  """`evaluate(params, prefix)` -> {prefix + 'top1', ...} over the whole eval split, or None.
+
+  Tasks with `eval_metrics(params, batch) -> sums` get one. A missing or empty
+  evaluation split is an error unless `allow_no_eval` says to train without it.
+  """
+  if not hasattr(task, "eval_metrics") or not config.eval_every:
+    return None
+  try:
+    loader = pipeline.make_eval_loader(
+        config.data, global_batch_size=config.eval_batch_size, image_size=config.image_size,
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        with_labels=True)
+    if loader.num_records == 0:
+      raise DataError(f"the evaluation split {config.data.eval_split!r} is empty")
+  except DataError as error:
+    if config.allow_no_eval:
+      logging.warning("Training without evaluation (allow_no_eval): %s", error)
+      return None
+    raise DataError(f"{error}; set --config.allow_no_eval=True to train without evaluation, "
+                    f"or --config.eval_every=0") from None
+  sharding.check_batch_size(config.eval_batch_size, mesh)
+  metrics_fn = jax.jit(task.eval_metrics, out_shardings=sharding.replicated(mesh))
+
+  def evaluate(params: Any, prefix: str = "val_") -> dict[str, float]:
+    totals = None
+    for batch in loader:
+      sums = metrics_fn(params, sharding.global_batch(batch, mesh))
+      totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    totals = jax.device_get(totals)
+    count = max(int(totals.pop("count")), 1)
+    results = {f"{prefix}loss": float(totals.pop("loss_sum")) / count}
+    results.update({f"{prefix}{k}": 100.0 * float(v) / count for k, v in totals.items()})
+    return results
+
+  return evaluate
 
 
 def figure_examples(config: ml_collections.ConfigDict) -> np.ndarray:
@@ -163,16 +233,23 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Any) -> dict[st
   # --- Mesh and data -------------------------------------------------------
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
   sharding.check_batch_size(config.batch_size, mesh)
+  needs_labels = getattr(task, "needs_labels", False)
   loader = pipeline.make_train_loader(
       config.data, global_batch_size=config.batch_size, seed=config.seed,
       image_size=config.image_size, process_index=jax.process_index(),
-      process_count=jax.process_count())
+      process_count=jax.process_count(), with_labels=needs_labels)
+  if needs_labels and loader.num_classes and loader.num_classes != config.num_classes:
+    raise ConfigError(f"num_classes={config.num_classes} but the data set "
+                      f"{config.data.name!r} has {loader.num_classes} classes")
+  evaluator = make_evaluator(task, config, mesh)
   total_steps, warmup_steps = resolve_steps(config, loader.steps_per_epoch)
   data_iter = iter(loader)
 
   # --- State: abstract shapes -> shardings -> init directly sharded ----------
   abstract_params = jax.eval_shape(task.init_params, jax.random.PRNGKey(0))
-  tx, schedule = make_optimizer(config, abstract_params, total_steps, warmup_steps)
+  decay_mask = task.weight_decay_mask(abstract_params) if hasattr(
+      task, "weight_decay_mask") else None
+  tx, schedule = make_optimizer(config, abstract_params, total_steps, warmup_steps, decay_mask)
   abstract_state, state_shardings, init_state = prepare_state(task, tx, config, mesh)
   frozen, frozen_meta = task.load_frozen()
   frozen, frozen_shardings = place_frozen(frozen, config, mesh)
@@ -186,6 +263,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Any) -> dict[st
     logging.info("Resumed from step %d in %s", latest, ckpt.directory)
   else:
     state = init_state()
+    if hasattr(task, "merge_pretrained"):  # weights from config.init, on the same shardings
+      merged = task.merge_pretrained(jax.device_get(state["params"]))
+      state["params"] = jax.device_put(merged, state_shardings["params"])
+      if "ema_params" in state:
+        state["ema_params"] = jax.device_put(merged, state_shardings["ema_params"])
   start_step = int(jax.device_get(state["step"]))
   logging.info("Model: %s parameters | mesh %s | global batch %d | %d steps (%d warm-up), "
                "%d train examples", f"{count_params(abstract_params):,}", dict(mesh.shape),
@@ -268,6 +350,14 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Any) -> dict[st
         ckpt.save(step, state, data_iter,
                   {"step": step, "config": config.to_json(), "frozen": frozen_meta})
         throughput.reset_clock(step)  # images/s measures training, not the save
+      if evaluator is not None and (step % config.eval_every == 0 or final):
+        results = evaluator(state["params"])
+        if "ema_params" in state:
+          results.update(evaluator(state["ema_params"], "val_ema_"))
+        metrics.log_line(step, total_steps, results)
+        writer.write(step, results)
+        last_scalars = {**last_scalars, **results}
+        throughput.reset_clock(step)
       if config.image_every and (step % config.image_every == 0 or final):
         write_figure(step)
         throughput.reset_clock(step)

@@ -230,7 +230,7 @@ def test_eval_crop_matches_resize_then_centre_crop():
 
 def test_train_batches_cover_an_epoch_once(colour_config):
   loader = pipeline.make_train_loader(colour_config, global_batch_size=8, seed=0, image_size=16,
-                                      worker_count=0, num_epochs=1)
+                                      worker_count=0, num_epochs=1, with_labels=True)
   batches = list(loader)
   assert len(batches) == NUM_TRAIN // 8 == loader.steps_per_epoch
   for batch in batches:
@@ -430,7 +430,12 @@ def test_default_config_fields():
   assert set(config) == {
       "kind", "name", "data_dir", "split", "eval_split", "image_key", "label_key", "crop_scale",
       "crop_ratio", "flip", "eval_resize_ratio", "worker_count", "prefetch_buffer_size",
-      "read_threads", "read_buffer_size"}
+      "read_threads", "read_buffer_size", "digits_size", "randaug_magnitude", "randaug_mstd",
+      "randaug_num_ops", "color_jitter", "force_color_jitter"}
   assert config.kind == "demo" and tuple(config.crop_scale) == (0.2, 1.0)
+  # Fine-tuning augmentation is off by default: pre-training batches are unchanged.
+  assert config.randaug_magnitude is None and config.color_jitter == 0
+  assert pipeline.train_augmentation(config) is None
+  config.randaug_magnitude = 9  # A typed placeholder: settable from the command line.
   config.data_dir = "/some/where"  # A typed placeholder: settable from the command line.
   assert sources.config_value({"kind": "tfds"}, "worker_count") == 2
