@@ -72,6 +72,7 @@ class FinetuneTask:
     validate_config(config)
     self.config = config
     self.model = build_classifier(config)
+    self.num_patches = (config.image_size // config.model.patch_size)**2
     self.mixup = mixup_config(config)
     # Read (and check) the weights now: a wrong path fails before anything is built.
     self.source = converted.load_converted(config.init) if config.init else None
@@ -98,7 +99,7 @@ class FinetuneTask:
   def train_flops_per_image(self) -> float:
     from mim_jax import flops  # pylint: disable=g-import-not-at-top
     enc = self.model
-    patches = (self.config.image_size // enc.patch_size)**2
+    patches = self.num_patches
     forward = flops.vit_encoder_flops(patches, patches, enc.patch_size, enc.width, enc.depth,
                                       enc.mlp_ratio)
     return 3 * (forward + 2 * enc.width * self.config.num_classes)
