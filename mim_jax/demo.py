@@ -11,8 +11,12 @@ set under ~/.cache/mim_jax) if needed, then runs three pre-trainings on it:
                     from the frozen teacher (13th attention-only block distilled to
                     the teacher's last layer, decoder on block 8);
   3. mae_student/   the same student with plain MAE, for comparison,
+  4. evaluation on scikit-learn's digits (a real labelled set shipped offline,
+     upsampled to 32 px): each student and a randomly initialised one ("scratch")
+     get a k-NN and a ridge probe of their frozen features and a short
+     fine-tuning run (finetune_<name>/),
 
-and prints their losses side by side. Each workdir holds metrics.jsonl,
+and prints their losses and accuracies side by side. Each workdir holds metrics.jsonl,
 TensorBoard events, checkpoints and reconstruction PNGs; rerunning resumes.
 `--config.key=value` overrides the teacher's config; the data, schedule and
 logging keys carry over to the students, whose size has its own flags.
@@ -21,12 +25,15 @@ logging keys carry over to the students, whose size has its own flags.
 import json
 import os
 
+import jax
 import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from mim_jax import cli, config_defaults
+from mim_jax.convert import converted
 from mim_jax.data import sources
+from mim_jax.tasks import probe
 from mim_jax.tasks.registry import build_task
 from mim_jax.trainer import loop
 
@@ -36,10 +43,13 @@ _CONFIG = config_flags.DEFINE_config_dict(
     "The teacher's MAE demo config; override keys with --config.key=value.", lock_config=True)
 _STUDENT_WIDTH = flags.DEFINE_integer("student_width", 96, "Width of the two students.")
 _STUDENT_HEADS = flags.DEFINE_integer("student_heads", 6, "Attention heads of the students.")
-_STAGES = flags.DEFINE_list("stages", ["teacher", "d2mae_student", "mae_student"],
+_FINETUNE_STEPS = flags.DEFINE_integer("finetune_steps", 100,
+                                       "Steps of each short fine-tuning run on the digits.")
+_STAGES = flags.DEFINE_list("stages", ["teacher", "d2mae_student", "mae_student", "evaluate"],
                             "Which stages to run (each resumes or skips if already done).")
 
-STAGES = ("teacher", "d2mae_student", "mae_student")
+STAGES = ("teacher", "d2mae_student", "mae_student", "evaluate")
+EVALUATED = ("d2mae_student", "mae_student", "scratch")
 
 
 def student_config(teacher: ml_collections.ConfigDict, teacher_dir: str, method: str, *,
@@ -74,8 +84,47 @@ def last_reconstruction(workdir: str) -> str | None:
   return os.path.join(figure_dir, sorted(os.listdir(figure_dir))[-1])
 
 
+def finetune_config(student: ml_collections.ConfigDict, data_dir: str | None, init: str,
+                    steps: int) -> ml_collections.ConfigDict:
+  """The digits fine-tuning recipe for a student's architecture, from `init` ('' = scratch)."""
+  config = config_defaults.finetune_demo_overrides(config_defaults.finetune_config())
+  model = student.model
+  config.model.update(variant="", width=model.width, depth=model.depth,
+                      num_heads=model.num_heads, patch_size=model.patch_size)
+  config.data.data_dir = data_dir
+  config.init = init
+  config.total_steps = steps
+  config.warmup_steps = max(1, steps // 10)
+  config.eval_every = steps
+  config.checkpoint_every = steps
+  config.seed = student.seed
+  return config
+
+
+def evaluate_students(configs: dict[str, ml_collections.ConfigDict], workdir: str,
+                      finetune_steps: int) -> dict[str, dict[str, float]]:
+  """Probes and short fine-tuning on the digits for each student and a random-init one."""
+  student = configs["mae_student"]
+  scratch_task = build_task(student)
+  scratch = converted.Converted(
+      params=jax.device_get(scratch_task.init_params(jax.random.PRNGKey(student.seed))),
+      arch=converted.arch_from_config(student.to_dict(), source="random init"),
+      sha256="", path="random init")
+  results = {}
+  for name in EVALUATED:
+    source = scratch if name == "scratch" else os.path.join(workdir, name)
+    ft = finetune_config(student, configs["teacher"].data.data_dir,
+                         "" if name == "scratch" else source, finetune_steps)
+    logging.info("=== Evaluating %s on the digits", name)
+    probes = probe.quick_probe(source, ft.data, ft.image_size)
+    ft_dir = os.path.join(workdir, f"finetune_{name}")
+    loop.train(ft, ft_dir, build_task(ft))
+    results[name] = {**probes, "finetune_top1": last_metrics(ft_dir).get("val_top1")}
+  return results
+
+
 def run_demo(teacher_config: ml_collections.ConfigDict, workdir: str, *,
-             student_width: int = 96, student_heads: int = 6,
+             student_width: int = 96, student_heads: int = 6, finetune_steps: int = 100,
              stages: tuple[str, ...] = STAGES) -> dict[str, dict[str, float]]:
   """Runs the stages asked for and returns each one's last logged metrics and figure."""
   unknown = set(stages) - set(STAGES)
@@ -92,7 +141,7 @@ def run_demo(teacher_config: ml_collections.ConfigDict, workdir: str, *,
                                     width=student_width, num_heads=student_heads),
   }
   results = {}
-  for stage in STAGES:
+  for stage in STAGES[:3]:
     if stage not in stages:
       continue
     logging.info("=== Demo stage %s (%s) in %s", stage, configs[stage].task,
@@ -101,21 +150,33 @@ def run_demo(teacher_config: ml_collections.ConfigDict, workdir: str, *,
     loop.train(configs[stage], stage_dir, build_task(configs[stage]))
     results[stage] = {**last_metrics(stage_dir),
                       "reconstruction": last_reconstruction(stage_dir)}
-  print_summary(results, workdir)
-  return results
+  evaluation = (evaluate_students(configs, workdir, finetune_steps)
+                if "evaluate" in stages else {})
+  print_summary(results, evaluation, workdir)
+  return {**results, **{f"eval_{k}": v for k, v in evaluation.items()}}
 
 
-def print_summary(results: dict[str, dict], workdir: str) -> None:
+def print_summary(results: dict[str, dict], evaluation: dict[str, dict], workdir: str) -> None:
   print(f"\nmim_jax demo finished in {workdir}")
-  print(f"{'stage':16s} {'step':>5s} {'loss':>8s} {'loss_rec':>9s} {'loss_attn':>10s}  "
-        f"reconstruction")
+  if results:
+    print(f"{'pre-training':16s} {'step':>5s} {'loss':>8s} {'loss_rec':>9s} {'loss_attn':>10s}  "
+          f"reconstruction")
   for stage, metrics in results.items():
     attn = metrics.get("loss_attn")
     print(f"{stage:16s} {metrics.get('step', 0):5d} {metrics.get('loss', float('nan')):8.4f} "
           f"{metrics.get('loss_rec', float('nan')):9.4f} "
           f"{'' if attn is None else f'{attn:10.4f}':>10s}  {metrics.get('reconstruction')}")
-  print("The students have the same size, data and steps; D²-MAE's reconstruction comes "
-        "from block 8, its blocks 9-12 learn from the teacher's attention alone.")
+  if results:
+    print("The students have the same size, data and steps; D²-MAE's reconstruction comes "
+          "from block 8, its blocks 9-12 learn from the teacher's attention alone.")
+  if evaluation:
+    print(f"\n{'digits top-1 (%)':16s} {'k-NN':>7s} {'ridge':>7s} {'fine-tune':>10s}")
+    for name, metrics in evaluation.items():
+      finetune = metrics.get("finetune_top1")
+      print(f"{name:16s} {metrics['knn_top1']:7.1f} {metrics['ridge_top1']:7.1f} "
+            f"{'' if finetune is None else f'{finetune:10.1f}':>10s}")
+    print("k-NN / ridge: probes of frozen features (mean patch token); fine-tune: a short "
+          "run from the weights (scratch: random init). 355 validation digits, chance 10%.")
 
 
 def main(argv):
@@ -123,7 +184,8 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   cli.run_reporting_user_errors(lambda: run_demo(
       _CONFIG.value, _WORKDIR.value, student_width=_STUDENT_WIDTH.value,
-      student_heads=_STUDENT_HEADS.value, stages=tuple(_STAGES.value)))
+      student_heads=_STUDENT_HEADS.value, finetune_steps=_FINETUNE_STEPS.value,
+      stages=tuple(_STAGES.value)))
 
 
 if __name__ == "__main__":

@@ -53,10 +53,15 @@ def split_features(model: VisionTransformer, params: Any, data_config: Any, spli
   return np.concatenate(features), np.concatenate(labels)
 
 
-def quick_probe(path: str, data_config: Any, image_size: int, *, k: int = 20
-                ) -> dict[str, float]:
-  """{'knn_top1', 'ridge_top1'} in percent on the validation split."""
-  model, params = encoder_for(converted.load_converted(path), image_size)
+def quick_probe(source: str | converted.Converted, data_config: Any, image_size: int, *,
+                k: int = 20) -> dict[str, float]:
+  """{'knn_top1', 'ridge_top1'} in percent on the validation split.
+
+  `source`: a mim_jax workdir, a converted .npz, or loaded weights.
+  """
+  if isinstance(source, str):
+    source = converted.load_converted(source)
+  model, params = encoder_for(source, image_size)
   train_x, train_y = split_features(model, params, data_config, data_config.split, image_size)
   val_x, val_y = split_features(model, params, data_config, data_config.eval_split, image_size)
   num_classes = int(max(train_y.max(), val_y.max())) + 1
