@@ -3,6 +3,7 @@ r"""Benchmarks: the jitted train step on synthetic on-device data, or the input 
   python -m mim_jax.bench --config configs/mae_vit_tiny.py --config.batch_size=64
   python -m mim_jax.bench --config configs/mae_vit_tiny.py --peak_tflops=197  # + MFU
   python -m mim_jax.bench --config configs/d2mae_vit_tiny.py --config.batch_size=64
+  python -m mim_jax.bench --config configs/finetune_vit_tiny.py --config.batch_size=64
   python -m mim_jax.bench --config configs/mae_vit_tiny.py:demo --data     # pipeline only
 
 Distillation configs without --config.distill.teacher time a randomly initialised
@@ -55,7 +56,11 @@ def bench_step(config) -> dict[str, float]:
   frozen, frozen_shardings = loop.place_frozen(task.load_frozen()[0], config, mesh)
   images = np.random.RandomState(0).randint(
       0, 256, (config.batch_size, config.image_size, config.image_size, 3), np.uint8)
-  batch = sharding.global_batch({"image": images}, mesh)
+  local = {"image": images}
+  if getattr(task, "needs_labels", False):
+    local["label"] = np.random.RandomState(1).randint(
+        0, config.num_classes, (config.batch_size,)).astype(np.int32)
+  batch = sharding.global_batch(local, mesh)
   step_fn = loop.jit_train_step(task, tx, schedule, shardings, frozen_shardings, mesh)
 
   start = time.perf_counter()

@@ -168,6 +168,7 @@ def finetune_demo_overrides(config: ml_collections.ConfigDict) -> ml_collections
   config.data.kind = "digits"
   config.data.name = "mim_jax_digits"
   config.data.digits_size = 32
+  config.data.eval_split = "validation"
   config.data.crop_scale = (0.5, 1.0)
   config.data.flip = False  # a mirrored digit is another symbol
   config.image_size = 32

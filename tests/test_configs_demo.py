@@ -18,6 +18,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_FILES = sorted(glob.glob(os.path.join(REPO, "configs", "*.py")))
 
 
+# Configs whose argument is required: the full recipe to build.
+FULL_ARGS = {"transfer_vit_tiny.py": "flowers,lr=0.01,schedule=long,layer_decay=0.75"}
+
+
 def load(path, arg=None):
   module = config_flags.config_flags._LoadConfigModule("cfg", path)  # how --config loads it
   return module.get_config(arg) if arg else module.get_config()
@@ -29,7 +33,7 @@ def test_there_are_configs():
 
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=os.path.basename)
 def test_config_builds_and_demo_runs_one_step(path, tmp_path):
-  full = load(path)
+  full = load(path, FULL_ARGS.get(os.path.basename(path)))
   distilled = full.task in ("dmae", "d2mae")
   # Validates the full recipe and builds its model (a teacher file is the user's to give).
   task = DistillationTask(full, random_teacher=True) if distilled else build_task(full)
@@ -86,3 +90,19 @@ def test_demo_job_end_to_end(tmp_path):
   # The D²-MAE student really is the teacher's pupil: its checkpoint records the teacher.
   meta = json.load(open(workdir / "d2mae_student" / "checkpoints" / "30" / "meta" / "metadata"))
   assert meta["frozen"]["teacher"]["path"] == str(workdir / "teacher")
+
+
+def test_transfer_sweep_arguments_follow_table_s2():
+  path = os.path.join(REPO, "configs", "transfer_vit_tiny.py")
+  config = load(path, "cifar100,lr=0.3,schedule=long,layer_decay=0.75")
+  assert (config.num_classes, config.total_epochs, config.warmup_epochs) == (100, 50.0, 10.0)
+  assert config.optimizer.name == "sgd" and config.optimizer.weight_decay == 0.0
+  assert config.optimizer.base_lr * config.batch_size / 256 == pytest.approx(0.3)
+  assert config.optimizer.layer_decay == 0.75 and config.batch_size == 512
+  short = load(path, "flowers")
+  assert (short.num_classes, short.total_epochs, short.warmup_epochs) == (102, 150.0, 30.0)
+  assert short.data.name == "oxford_flowers102" and short.optimizer.layer_decay == 1.0
+  with pytest.raises(ValueError, match="unknown data set"):
+    load(path, "mnist")
+  with pytest.raises(ValueError, match="bad option"):
+    load(path, "pets,momentum=0.5")
