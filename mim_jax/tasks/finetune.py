@@ -19,6 +19,7 @@ from mim_jax.errors import ConfigError
 from mim_jax.models.vit import VARIANTS, VisionTransformer, encoder_kwargs
 from mim_jax.objectives import classification
 from mim_jax.tasks.pretrain import normalize_images
+from mim_jax.trainer import optim
 
 
 def build_classifier(config: ml_collections.ConfigDict) -> VisionTransformer:
@@ -95,6 +96,10 @@ class FinetuneTask:
 
   def load_frozen(self) -> tuple[dict[str, Any], dict[str, Any]]:
     return {}, {}
+
+  def weight_decay_mask(self, params: Any) -> Any:
+    """MAE's fine-tuning rule: no weight decay on 1-D params and tokens."""
+    return optim.finetune_weight_decay_mask(params)
 
   def train_flops_per_image(self) -> float:
     from mim_jax import flops  # pylint: disable=g-import-not-at-top
