@@ -65,6 +65,17 @@ def base_config() -> ml_collections.ConfigDict:
   return config
 
 
+def laptop_schedule(config: ml_collections.ConfigDict) -> None:
+  """The demos' run length and cadence: 200 steps (20 warm-up), log every 20, save every 100."""
+  config.total_epochs = 0.0
+  config.total_steps = 200
+  config.warmup_epochs = 0.0
+  config.warmup_steps = 20
+  config.log_every = 20
+  config.checkpoint_every = 100
+  config.keep_checkpoints = 2
+
+
 def demo_overrides(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Shrinks a recipe to the embedded demo dataset and a laptop-CPU size."""
   config.data.kind = "demo"
@@ -73,14 +84,8 @@ def demo_overrides(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   config.image_size = 64
   config.model.patch_size = 8
   config.batch_size = 32
-  config.total_epochs = 0.0
-  config.total_steps = 200
-  config.warmup_epochs = 0.0
-  config.warmup_steps = 20
+  laptop_schedule(config)
   config.optimizer.base_lr = 1.5e-4 * 8
-  config.log_every = 20
-  config.checkpoint_every = 100
-  config.keep_checkpoints = 2
   config.image_every = 100
   config.distill.teacher_variant = ""  # a demo teacher is whatever mim_jax run you give
   return config
@@ -176,14 +181,8 @@ def finetune_demo_overrides(config: ml_collections.ConfigDict) -> ml_collections
   config.model.patch_size = 8
   config.batch_size = 64
   config.eval_batch_size = 64
-  config.total_epochs = 0.0
-  config.total_steps = 200
-  config.warmup_epochs = 0.0
-  config.warmup_steps = 20
+  laptop_schedule(config)
   config.optimizer.base_lr = 1.6e-2  # small data, 200 steps: a higher lr than ImageNet's
   config.data.randaug_magnitude = 5  # digits survive mild RandAugment only
   config.eval_every = 100
-  config.log_every = 20
-  config.checkpoint_every = 100
-  config.keep_checkpoints = 2
   return config
