@@ -186,3 +186,52 @@ def finetune_demo_overrides(config: ml_collections.ConfigDict) -> ml_collections
   config.data.randaug_magnitude = 5  # digits survive mild RandAugment only
   config.eval_every = 100
   return config
+
+
+def linear_probe_config() -> ml_collections.ConfigDict:
+  """Every key of a linear-probing config, with MAE's ViT recipe (`main_linprobe.py`).
+
+  LARS (momentum 0.9, no weight decay), base lr 0.1 x 16384/256, 10 warm-up epochs
+  then cosine, 90 epochs; RandomResizedCrop + flip; the cls token's features.
+  """
+  config = finetune_config()
+  config.task = "linear_probe"
+  for key in ("init_keep_blocks", "mixup", "ema_decay"):  # nothing to mix, reserve or average
+    del config[key]
+  del config.model["drop_path_rate"]
+  config.model.pool = "cls"  # MAE's probe default; 'gap' = mean of patch tokens, no affine
+  config.batch_size = 16384
+  config.total_epochs = 90.0
+  config.warmup_epochs = 10.0
+  config.optimizer = ml_collections.ConfigDict(dict(
+      name="lars", base_lr=0.1, end_lr=0.0, weight_decay=0.0, momentum=0.9,
+      trust_coefficient=0.001))
+  config.data.randaug_magnitude = None
+  config.data.color_jitter = 0.0
+  config.eval_every = 2000
+  return config
+
+
+def linear_probe_demo_overrides(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The linear probe on scikit-learn's digits, as the fine-tuning demo."""
+  config.data.kind = "digits"
+  config.data.name = "mim_jax_digits"
+  config.data.digits_size = 32
+  config.data.eval_split = "validation"
+  config.data.crop_scale = (0.5, 1.0)
+  config.data.flip = False
+  config.image_size = 32
+  config.num_classes = 10
+  config.model.patch_size = 8
+  config.batch_size = 256
+  config.eval_batch_size = 128
+  laptop_schedule(config)
+  config.total_steps = 100
+  config.warmup_steps = 10
+  config.checkpoint_every = 100
+  config.eval_every = 100
+  # LARS moves a matrix by about lr x 0.001 of its norm per step, made for ImageNet's
+  # thousands of steps; in 100 steps SGD gets there, LARS does not.
+  config.optimizer.name = "sgd"
+  config.optimizer.base_lr = 0.4
+  return config

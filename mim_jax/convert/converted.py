@@ -205,6 +205,10 @@ def _read_training_checkpoint(path: str) -> tuple[dict[str, Any], dict[str, Any]
       state_dir, args=ocp.args.PyTreeRestore(item=params_meta, restore_args=restore_args,
                                              partial_restore=True))
   params = restored["params"]
+  if config.get("task") == "linear_probe":
+    raise UserError(f"{step_dir!r} is a linear-probe run: its checkpoints hold the probe head "
+                    f"and BatchNorm statistics only; its frozen encoder is "
+                    f"{config.get('init') or 'a random init'!r}")
   if config.get("task") == "finetune":  # a fine-tuned classifier's params are the encoder's
     params = {"encoder": params}
   if "encoder" not in params:

@@ -286,3 +286,12 @@ def topk_correct(logits: jax.Array, labels: jax.Array, ks: tuple[int, ...] = (1,
     chex.assert_shape(valid, labels.shape)
     hits = hits & valid[:, None]
   return {f"top{k}": jnp.sum(hits[:, :min(k, num_classes)], dtype=jnp.int32) for k in ks}
+
+
+def eval_sums(logits: jax.Array, labels: jax.Array, valid: jax.Array) -> dict[str, jax.Array]:
+  """Sums over the valid rows: count, top-1/top-5 hits and cross entropy ('loss_sum')."""
+  hits = topk_correct(logits, labels, (1, 5), valid=valid)
+  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32))
+  nll = -jnp.take_along_axis(log_probs, labels[:, None], axis=1)[:, 0]
+  return {"count": jnp.sum(valid, dtype=jnp.int32), **hits,
+          "loss_sum": jnp.sum(jnp.where(valid, nll, 0.0))}

@@ -121,12 +121,9 @@ class FinetuneTask:
     loss = classification.soft_cross_entropy(out["logits"], targets)
     return loss, {"loss_ce": loss}
 
-  def eval_metrics(self, params: Any, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  def eval_metrics(self, params: Any, frozen: dict[str, Any],
+                   batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
     """Sums over the real examples of the batch: count, top-1/top-5 hits, cross entropy."""
+    del frozen
     logits = self.model.apply({"params": params}, normalize_images(batch["image"]))["logits"]
-    valid = batch["mask"]
-    hits = classification.topk_correct(logits, batch["label"], (1, 5), valid=valid)
-    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32))
-    nll = -jnp.take_along_axis(log_probs, batch["label"][:, None], axis=1)[:, 0]
-    return {"count": jnp.sum(valid, dtype=jnp.int32), **hits,
-            "loss_sum": jnp.sum(jnp.where(valid, nll, 0.0))}
+    return classification.eval_sums(logits, batch["label"], batch["mask"])

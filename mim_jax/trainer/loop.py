@@ -44,13 +44,13 @@ def resolve_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> tu
   return total, min(warmup, total)
 
 
-OPTIMIZERS = ("adamw", "sgd")
+OPTIMIZERS = ("adamw", "sgd", "lars")
 
 
 def make_optimizer(config: ml_collections.ConfigDict, params: Any, total_steps: int,
                    warmup_steps: int, decay_mask: Any = None
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """AdamW (or SGD with momentum) on the warm-up + cosine schedule.
+  """AdamW, SGD with momentum, or LARS (MAE's linear probe) on the warm-up + cosine schedule.
 
   `optimizer.layer_decay` (fine-tuning) scales each leaf's lr by
   decay ** (depth + 1 - layer id); the logged lr is the head's. `decay_mask`
@@ -67,6 +67,9 @@ def make_optimizer(config: ml_collections.ConfigDict, params: Any, total_steps: 
   if name == "adamw":
     tx = optim.adamw(schedule, b1=opt.b1, b2=opt.b2, weight_decay=opt.weight_decay,
                      decay_mask=decay_mask)
+  elif name == "lars":  # decays and trust-scales the matrices only, as MAE's LARS
+    tx = optim.lars(schedule, momentum=opt.momentum, weight_decay=opt.weight_decay,
+                    trust_coefficient=opt.get("trust_coefficient", 0.001))
   else:
     tx = optax.chain(optax.add_decayed_weights(opt.weight_decay, decay_mask),
                      optax.sgd(schedule, momentum=opt.momentum))
@@ -81,22 +84,32 @@ def make_optimizer(config: ml_collections.ConfigDict, params: Any, total_steps: 
 # The step
 # ----------------------------------------------------------------------------
 def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation,
-                    schedule: optax.Schedule, ema_decay: float | None = None) -> Callable:
+                    schedule: optax.Schedule, ema_decay: float | None = None,
+                    has_model_state: bool = False) -> Callable:
   """state, frozen, batch -> state, metrics. Pure; the step's rng is fold_in(state rng, step).
 
   Only `state['params']` is differentiated and updated: `frozen` (a teacher) gets
   no gradient and no optimizer state. With `ema_decay`, `state['ema_params']` follows
-  the params: ema = decay * ema + (1 - decay) * params after every update.
+  the params: ema = decay * ema + (1 - decay) * params after every update. With
+  `has_model_state`, `state['model_state']` (BatchNorm running statistics) goes into
+  the loss, `loss_fn(params, frozen, batch, rng, model_state) -> (loss, (terms,
+  new_model_state))`, and comes out updated, not differentiated.
   """
 
   def train_step(state: dict[str, Any], frozen: dict[str, Any], batch: dict[str, jax.Array]):
     step_rng = jax.random.fold_in(state["rng"], state["step"])
-    (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state["params"], frozen, batch, step_rng)
+    if has_model_state:
+      (loss, (terms, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+          state["params"], frozen, batch, step_rng, state["model_state"])
+    else:
+      (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+          state["params"], frozen, batch, step_rng)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1,
                  "rng": state["rng"]}
+    if has_model_state:
+      new_state["model_state"] = model_state
     if ema_decay is not None:
       new_state["ema_params"] = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p,
                                              state["ema_params"], params)
@@ -108,7 +121,7 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation,
 def prepare_state(task: Any, tx: optax.GradientTransformation,
                   config: ml_collections.ConfigDict, mesh: Mesh):
   """(abstract state with shardings, shardings, init) for {params, opt_state, step, rng}
-  (+ ema_params when config.ema_decay is set).
+  (+ ema_params when config.ema_decay is set, + model_state when the task has one).
 
   `init()` builds the state directly sharded: each device only ever holds its shard.
   """
@@ -120,6 +133,8 @@ def prepare_state(task: Any, tx: optax.GradientTransformation,
              "step": jnp.zeros((), jnp.int32), "rng": train_rng}
     if config.get("ema_decay") is not None:
       state["ema_params"] = params
+    if has_model_state(task):
+      state["model_state"] = task.init_model_state()
     return state
 
   abstract = jax.eval_shape(init_state, init_rng)
@@ -127,6 +142,11 @@ def prepare_state(task: Any, tx: optax.GradientTransformation,
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract, shardings)
   return abstract, shardings, lambda: jax.jit(init_state, out_shardings=shardings)(init_rng)
+
+
+def has_model_state(task: Any) -> bool:
+  """Whether the task keeps non-trained state (BatchNorm statistics) next to its params."""
+  return hasattr(task, "init_model_state")
 
 
 def place_frozen(frozen: Any, config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[Any, Any]:
@@ -138,19 +158,21 @@ def place_frozen(frozen: Any, config: ml_collections.ConfigDict, mesh: Mesh) -> 
 def jit_train_step(task: Any, tx: optax.GradientTransformation, schedule: optax.Schedule,
                    state_shardings: Any, frozen_shardings: Any, mesh: Mesh) -> Callable:
   """The jitted step: state donated, frozen kept, batch split over the mesh, metrics replicated."""
-  return jax.jit(make_train_step(task.loss_fn, tx, schedule, task.config.get("ema_decay")),
+  return jax.jit(make_train_step(task.loss_fn, tx, schedule, task.config.get("ema_decay"),
+                                 has_model_state(task)),
                  in_shardings=(state_shardings, frozen_shardings,
                                sharding.batch_sharding(mesh)),
                  out_shardings=(state_shardings, sharding.replicated(mesh)),
                  donate_argnums=(0,))
 
 
-def make_evaluator(task: Any, config: ml_collections.ConfigDict,
-                   mesh: Mesh) -> Callable[[Any, str], dict[str, float]] | None:
-  """`evaluate(params, prefix)` -> {prefix + 'top1', ...} over the whole eval split, or None.
+def make_evaluator(task: Any, config: ml_collections.ConfigDict, mesh: Mesh,
+                   frozen: Any = None) -> Callable[..., dict[str, float]] | None:
+  """`evaluate(state, params_key, prefix)` -> {prefix + 'top1', ...} over the eval split, or None.
 
-  Tasks with `eval_metrics(params, batch) -> sums` get one. A missing or empty
-  evaluation split is an error unless `allow_no_eval` says to train without it.
+  Tasks with `eval_metrics(params, frozen, batch[, model_state]) -> sums` get one. A
+  missing or empty evaluation split is an error unless `allow_no_eval` says to train
+  without it.
   """
   if not hasattr(task, "eval_metrics") or not config.eval_every:
     return None
@@ -169,11 +191,14 @@ def make_evaluator(task: Any, config: ml_collections.ConfigDict,
                     f"or --config.eval_every=0") from None
   sharding.check_batch_size(config.eval_batch_size, mesh)
   metrics_fn = jax.jit(task.eval_metrics, out_shardings=sharding.replicated(mesh))
+  frozen = {} if frozen is None else frozen
 
-  def evaluate(params: Any, prefix: str = "val_") -> dict[str, float]:
+  def evaluate(state: dict[str, Any], params_key: str = "params",
+               prefix: str = "val_") -> dict[str, float]:
+    extra = (state["model_state"],) if "model_state" in state else ()
     totals = None
     for batch in loader:
-      sums = metrics_fn(params, sharding.global_batch(batch, mesh))
+      sums = metrics_fn(state[params_key], frozen, sharding.global_batch(batch, mesh), *extra)
       totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     totals = jax.device_get(totals)
     count = max(int(totals.pop("count")), 1)
@@ -241,7 +266,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Any) -> dict[st
   if needs_labels and loader.num_classes and loader.num_classes != config.num_classes:
     raise ConfigError(f"num_classes={config.num_classes} but the data set "
                       f"{config.data.name!r} has {loader.num_classes} classes")
-  evaluator = make_evaluator(task, config, mesh)
   total_steps, warmup_steps = resolve_steps(config, loader.steps_per_epoch)
   data_iter = iter(loader)
 
@@ -253,6 +277,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Any) -> dict[st
   abstract_state, state_shardings, init_state = prepare_state(task, tx, config, mesh)
   frozen, frozen_meta = task.load_frozen()
   frozen, frozen_shardings = place_frozen(frozen, config, mesh)
+  evaluator = make_evaluator(task, config, mesh, frozen)
 
   # --- Init or resume --------------------------------------------------------
   ckpt = checkpoint.Checkpointer(workdir, config.keep_checkpoints)
@@ -351,9 +376,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Any) -> dict[st
                   {"step": step, "config": config.to_json(), "frozen": frozen_meta})
         throughput.reset_clock(step)  # images/s measures training, not the save
       if evaluator is not None and (step % config.eval_every == 0 or final):
-        results = evaluator(state["params"])
+        results = evaluator(state)
         if "ema_params" in state:
-          results.update(evaluator(state["ema_params"], "val_ema_"))
+          results.update(evaluator(state, "ema_params", "val_ema_"))
         metrics.log_line(step, total_steps, results)
         writer.write(step, results)
         last_scalars = {**last_scalars, **results}

@@ -1,4 +1,5 @@
-"""Optax AdamW, MAE's schedule and weight-decay exclusions; layer-wise lr decay (fine-tuning)."""
+"""Optax AdamW, MAE's schedule and weight-decay exclusions; LARS (linear probing);
+layer-wise lr decay (fine-tuning)."""
 
 import re
 from typing import Any
@@ -39,6 +40,25 @@ def adamw(schedule: optax.Schedule, *, b1: float, b2: float, weight_decay: float
           decay_mask: Any) -> optax.GradientTransformation:
   return optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay, mask=decay_mask)
 
+
+
+def lars(schedule: optax.Schedule, *, momentum: float, weight_decay: float,
+         trust_coefficient: float = 0.001) -> optax.GradientTransformation:
+  """MAE's LARS (linear probing), step for step.
+
+  For leaves with ndim > 1: g += wd * p, then g *= trust * |p| / |g| (1 where a
+  norm is 0). Every leaf: mu = momentum * mu + g; p -= lr * mu. The lr multiplies
+  the momentum buffer, not the gradient before it (unlike `optax.lars`), which
+  matters while the schedule changes the lr.
+  """
+  def matrices(params):
+    return jax.tree.map(lambda p: p.ndim > 1, params)
+
+  return optax.chain(
+      optax.add_decayed_weights(weight_decay, matrices),
+      optax.masked(optax.scale_by_trust_ratio(trust_coefficient=trust_coefficient), matrices),
+      optax.trace(decay=momentum, nesterov=False),
+      optax.scale_by_learning_rate(schedule))
 
 # ---------------------------------------------------------------------------
 # Fine-tuning (method.md §5): layer-wise lr decay and MAE's weight-decay rule.
