@@ -36,7 +36,9 @@ setup(
     extras_require={
         # Real photographs for the embedded demo dataset ship inside these wheels.
         "demo": ["scikit-image", "scikit-learn"],
-        "test": ["pytest", "scipy", "scikit-image", "scikit-learn"],
+        # nbclient / nbformat / ipykernel: tests/test_notebooks.py executes colab/*.ipynb.
+        "test": ["pytest", "scipy", "scikit-image", "scikit-learn", "nbclient", "nbformat",
+                 "ipykernel"],
         "torch": ["torch==2.14.1", "torchvision==0.29.1", "timm", "safetensors"],
     },
 )
