@@ -13,7 +13,8 @@ set under ~/.cache/mim_jax) if needed, then runs three pre-trainings on it:
   3. mae_student/   the same student with plain MAE, for comparison,
   4. evaluation on scikit-learn's digits (a real labelled set shipped offline,
      upsampled to 32 px): each student and a randomly initialised one ("scratch")
-     get a k-NN and a ridge probe of their frozen features and a short
+     get a k-NN and a ridge probe of their frozen features, a trained linear
+     probe (MAE's BatchNorm + linear head, linear_probe_<name>/) and a short
      fine-tuning run (finetune_<name>/),
 
 and prints their losses and accuracies side by side. Each workdir holds metrics.jsonl,
@@ -45,6 +46,8 @@ _STUDENT_WIDTH = flags.DEFINE_integer("student_width", 96, "Width of the two stu
 _STUDENT_HEADS = flags.DEFINE_integer("student_heads", 6, "Attention heads of the students.")
 _FINETUNE_STEPS = flags.DEFINE_integer("finetune_steps", 100,
                                        "Steps of each short fine-tuning run on the digits.")
+_PROBE_STEPS = flags.DEFINE_integer("probe_steps", 100,
+                                    "Steps of each linear-probe run on the digits.")
 _STAGES = flags.DEFINE_list("stages", ["teacher", "d2mae_student", "mae_student", "evaluate"],
                             "Which stages to run (each resumes or skips if already done).")
 
@@ -84,10 +87,11 @@ def last_reconstruction(workdir: str) -> str | None:
   return os.path.join(figure_dir, sorted(os.listdir(figure_dir))[-1])
 
 
-def finetune_config(student: ml_collections.ConfigDict, data_dir: str | None, init: str,
-                    steps: int) -> ml_collections.ConfigDict:
-  """The digits fine-tuning recipe for a student's architecture, from `init` ('' = scratch)."""
-  config = config_defaults.finetune_demo_overrides(config_defaults.finetune_config())
+def digits_config(recipe: ml_collections.ConfigDict, student: ml_collections.ConfigDict,
+                  data_dir: str | None, init: str, steps: int) -> ml_collections.ConfigDict:
+  """A digits recipe (fine-tuning or linear probe) for a student's architecture, from
+  `init` ('' = random init)."""
+  config = recipe
   model = student.model
   config.model.update(variant="", width=model.width, depth=model.depth,
                       num_heads=model.num_heads, patch_size=model.patch_size)
@@ -101,8 +105,20 @@ def finetune_config(student: ml_collections.ConfigDict, data_dir: str | None, in
   return config
 
 
+def finetune_config(student: ml_collections.ConfigDict, data_dir: str | None, init: str,
+                    steps: int) -> ml_collections.ConfigDict:
+  recipe = config_defaults.finetune_demo_overrides(config_defaults.finetune_config())
+  return digits_config(recipe, student, data_dir, init, steps)
+
+
+def linear_probe_config(student: ml_collections.ConfigDict, data_dir: str | None, init: str,
+                        steps: int) -> ml_collections.ConfigDict:
+  recipe = config_defaults.linear_probe_demo_overrides(config_defaults.linear_probe_config())
+  return digits_config(recipe, student, data_dir, init, steps)
+
+
 def evaluate_students(configs: dict[str, ml_collections.ConfigDict], workdir: str,
-                      finetune_steps: int) -> dict[str, dict[str, float]]:
+                      finetune_steps: int, probe_steps: int) -> dict[str, dict[str, float]]:
   """Probes and short fine-tuning on the digits for each student and a random-init one."""
   student = configs["mae_student"]
   scratch_task = build_task(student)
@@ -110,22 +126,27 @@ def evaluate_students(configs: dict[str, ml_collections.ConfigDict], workdir: st
       params=jax.device_get(scratch_task.init_params(jax.random.PRNGKey(student.seed))),
       arch=converted.arch_from_config(student.to_dict(), source="random init"),
       sha256="", path="random init")
+  data_dir = configs["teacher"].data.data_dir
   results = {}
   for name in EVALUATED:
     source = scratch if name == "scratch" else os.path.join(workdir, name)
-    ft = finetune_config(student, configs["teacher"].data.data_dir,
-                         "" if name == "scratch" else source, finetune_steps)
+    init = "" if name == "scratch" else source
+    ft = finetune_config(student, data_dir, init, finetune_steps)
     logging.info("=== Evaluating %s on the digits", name)
     probes = probe.quick_probe(source, ft.data, ft.image_size)
+    lp = linear_probe_config(student, data_dir, init, probe_steps)
+    lp_dir = os.path.join(workdir, f"linear_probe_{name}")
+    loop.train(lp, lp_dir, build_task(lp))
     ft_dir = os.path.join(workdir, f"finetune_{name}")
     loop.train(ft, ft_dir, build_task(ft))
-    results[name] = {**probes, "finetune_top1": last_metrics(ft_dir).get("val_top1")}
+    results[name] = {**probes, "linear_top1": last_metrics(lp_dir).get("val_top1"),
+                     "finetune_top1": last_metrics(ft_dir).get("val_top1")}
   return results
 
 
 def run_demo(teacher_config: ml_collections.ConfigDict, workdir: str, *,
              student_width: int = 96, student_heads: int = 6, finetune_steps: int = 100,
-             stages: tuple[str, ...] = STAGES) -> dict[str, dict[str, float]]:
+             probe_steps: int = 100, stages: tuple[str, ...] = STAGES) -> dict[str, dict[str, float]]:
   """Runs the stages asked for and returns each one's last logged metrics and figure."""
   unknown = set(stages) - set(STAGES)
   if unknown:
@@ -150,7 +171,7 @@ def run_demo(teacher_config: ml_collections.ConfigDict, workdir: str, *,
     loop.train(configs[stage], stage_dir, build_task(configs[stage]))
     results[stage] = {**last_metrics(stage_dir),
                       "reconstruction": last_reconstruction(stage_dir)}
-  evaluation = (evaluate_students(configs, workdir, finetune_steps)
+  evaluation = (evaluate_students(configs, workdir, finetune_steps, probe_steps)
                 if "evaluate" in stages else {})
   print_summary(results, evaluation, workdir)
   return {**results, **{f"eval_{k}": v for k, v in evaluation.items()}}
@@ -170,12 +191,15 @@ def print_summary(results: dict[str, dict], evaluation: dict[str, dict], workdir
     print("The students have the same size, data and steps; D²-MAE's reconstruction comes "
           "from block 8, its blocks 9-12 learn from the teacher's attention alone.")
   if evaluation:
-    print(f"\n{'digits top-1 (%)':16s} {'k-NN':>7s} {'ridge':>7s} {'fine-tune':>10s}")
+    print(f"\n{'digits top-1 (%)':16s} {'k-NN':>7s} {'ridge':>7s} {'linear':>7s} "
+          f"{'fine-tune':>10s}")
     for name, metrics in evaluation.items():
-      finetune = metrics.get("finetune_top1")
+      linear, finetune = metrics.get("linear_top1"), metrics.get("finetune_top1")
       print(f"{name:16s} {metrics['knn_top1']:7.1f} {metrics['ridge_top1']:7.1f} "
+            f"{'' if linear is None else f'{linear:7.1f}':>7s} "
             f"{'' if finetune is None else f'{finetune:10.1f}':>10s}")
-    print("k-NN / ridge: probes of frozen features (mean patch token); fine-tune: a short "
+    print("k-NN / ridge: closed-form probes of frozen features (mean patch token); linear: "
+          "MAE's linear probe (cls token, BatchNorm + linear head, trained); fine-tune: a short "
           "run from the weights (scratch: random init). 355 validation digits, chance 10%.")
 
 
@@ -185,7 +209,7 @@ def main(argv):
   cli.run_reporting_user_errors(lambda: run_demo(
       _CONFIG.value, _WORKDIR.value, student_width=_STUDENT_WIDTH.value,
       student_heads=_STUDENT_HEADS.value, finetune_steps=_FINETUNE_STEPS.value,
-      stages=tuple(_STAGES.value)))
+      probe_steps=_PROBE_STEPS.value, stages=tuple(_STAGES.value)))
 
 
 if __name__ == "__main__":

@@ -66,7 +66,8 @@ def test_demo_job_end_to_end(tmp_path):
       [sys.executable, "-m", "mim_jax.demo", f"--workdir={workdir}",
        f"--config.data.data_dir={tmp_path / 'demo_tfds'}", "--config.total_steps=30",
        "--config.log_every=10", "--config.image_every=30", "--config.model.depth=4",
-       "--student_width=48", "--student_heads=6", "--finetune_steps=10"],
+       "--student_width=48", "--student_heads=6", "--finetune_steps=10",
+       "--probe_steps=10"],
       capture_output=True, text=True, timeout=900, env=env)
   assert result.returncode == 0, result.stderr[-3000:]
   assert "mim_jax demo finished" in result.stdout
@@ -83,10 +84,11 @@ def test_demo_job_end_to_end(tmp_path):
   table = result.stdout.split("digits top-1")[1].splitlines()
   for name in ("d2mae_student", "mae_student", "scratch"):
     row = next(line for line in table if line.startswith(name + " "))
-    knn, ridge, finetune = (float(v) for v in row.split()[1:4])
-    assert all(0 <= v <= 100 for v in (knn, ridge, finetune)), row
-    records = [json.loads(line) for line in open(workdir / f"finetune_{name}" / "metrics.jsonl")]
-    assert records[-1]["val_top1"] == pytest.approx(finetune, abs=0.05)
+    knn, ridge, linear, finetune = (float(v) for v in row.split()[1:5])
+    assert all(0 <= v <= 100 for v in (knn, ridge, linear, finetune)), row
+    for run, value in (("linear_probe", linear), ("finetune", finetune)):
+      records = [json.loads(line) for line in open(workdir / f"{run}_{name}" / "metrics.jsonl")]
+      assert records[-1]["val_top1"] == pytest.approx(value, abs=0.05), run
   # The D²-MAE student really is the teacher's pupil: its checkpoint records the teacher.
   meta = json.load(open(workdir / "d2mae_student" / "checkpoints" / "30" / "meta" / "metadata"))
   assert meta["frozen"]["teacher"]["path"] == str(workdir / "teacher")
