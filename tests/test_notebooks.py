@@ -51,15 +51,33 @@ SHRUNK = {
     "STUDENT_WIDTH": 32,
     "STUDENT_HEADS": 4,
 }
+# Cells that must leave a PNG among their outputs: pyplot's show, or displaying an image
+# (03_analysis's `show(name)` helper displays the PNG a plot wrote).
+SHOWS_PLOT = re.compile(r"plt\.show\(\)|^\s*show\(|display\(Image\(", re.MULTILINE)
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 # Packages of optional extras (`torch`): a notebook importing one is skipped without it.
 OPTIONAL = ("torch", "timm", "safetensors")
 OPTIONAL_IMPORT = re.compile(rf"^\s*(?:import|from)\s+({'|'.join(OPTIONAL)})\b", re.MULTILINE)
 
 
+def executed_source(source: str) -> str:
+  """The cell's source minus function definitions (a `def show(...)` shows nothing)."""
+  lines = source.splitlines()
+  try:
+    tree = ast.parse(source.replace("%pip", "#pip"))
+  except SyntaxError:
+    return source
+  for node in tree.body:
+    if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+      for i in range(node.lineno - 1, node.end_lineno):
+        lines[i] = ""
+  return "\n".join(lines)
+
+
 def test_there_are_notebooks():
   names = [os.path.basename(path) for path in NOTEBOOKS]
-  for expected in ("01_quickstart.ipynb", "02_distillation.ipynb", "04_export.ipynb"):
+  for expected in ("01_quickstart.ipynb", "02_distillation.ipynb", "03_analysis.ipynb",
+                   "04_export.ipynb"):
     assert expected in names
 
 
@@ -165,9 +183,9 @@ def test_notebook_runs(path, tmp_path, kernel_setup, monkeypatch):
   finally:
     nbformat.write(nb, str(executed))
   # A plot that silently disappears (e.g. a library switched matplotlib's backend with
-  # matplotlib.use) is a failure too.
+  # matplotlib.use, or a bare Figure displayed as text) is a failure too.
   for cell in nb.cells:
-    if cell.cell_type == "code" and "plt.show()" in cell.source:
+    if cell.cell_type == "code" and SHOWS_PLOT.search(executed_source(cell.source)):
       if not any("image/png" in out.get("data", {}) for out in cell.outputs):
         pytest.fail(f"{os.path.basename(path)}: this cell showed no plot (was matplotlib's "
                     f"backend switched away from inline?):\n{cell.source}", pytrace=False)
