@@ -5,16 +5,21 @@ r"""Benchmarks: the jitted train step on synthetic on-device data, or the input 
   python -m mim_jax.bench --config configs/d2mae_vit_tiny.py --config.batch_size=64
   python -m mim_jax.bench --config configs/finetune_vit_tiny.py --config.batch_size=64
   python -m mim_jax.bench --config configs/mae_vit_tiny.py:demo --data     # pipeline only
+  python -m mim_jax.bench --config configs/d2mae_vit_tiny.py --config.batch_size=64 --torch
 
 Distillation configs without --config.distill.teacher time a randomly initialised
 teacher of `distill.teacher_variant` (the speed does not depend on the weights).
 
 Prints compile time, step time, images/s, the analytic model TFLOP/s and, with
---peak_tflops (the accelerator's dense peak, all devices together), MFU.
+--peak_tflops (the accelerator's dense peak, all devices together), MFU. With
+--torch (pre-training tasks; needs the `torch` extra) the same step written with
+timm modules and torch.optim.AdamW (`mim_jax/bench_torch.py`) is timed right
+after, on the CPU, with the same batch, for a side-by-side images/s.
 """
 
 import statistics
 import time
+from typing import Any
 
 import jax
 import numpy as np
@@ -32,6 +37,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path[:ar
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (after one compile + warm-up step).")
 _PEAK = flags.DEFINE_float("peak_tflops", None, "Peak dense TFLOP/s of all devices, for MFU.")
 _DATA = flags.DEFINE_bool("data", False, "Time the input pipeline alone instead of the step.")
+_TORCH = flags.DEFINE_bool("torch", False, "Also time the PyTorch (timm) version of the step.")
 flags.mark_flags_as_required(["config"])
 
 
@@ -104,6 +110,11 @@ def bench_data(config) -> dict[str, float]:
           "images_per_sec": images_per_sec, "images_per_sec_per_worker": images_per_sec / workers}
 
 
+def print_result(result: dict[str, Any]) -> None:
+  for key, value in result.items():
+    print(f"  {key:28s} {value:.4g}" if isinstance(value, float) else f"  {key:28s} {value}")
+
+
 def main(argv):
   del argv
   config = _CONFIG.value
@@ -112,8 +123,11 @@ def main(argv):
     result = bench_data(config) if _DATA.value else bench_step(config)
     kind = "input pipeline" if _DATA.value else f"train step ({config.task})"
     print(f"{kind} on {jax.devices()[0].device_kind} x{jax.device_count()}:")
-    for key, value in result.items():
-      print(f"  {key:28s} {value:.4g}" if isinstance(value, float) else f"  {key:28s} {value}")
+    print_result(result)
+    if _TORCH.value and not _DATA.value:
+      from mim_jax import bench_torch  # pylint: disable=g-import-not-at-top
+      print("the same step in PyTorch + timm on the CPU:")
+      print_result(bench_torch.bench(config, _STEPS.value))
 
   cli.run_reporting_user_errors(run)
 
