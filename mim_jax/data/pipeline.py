@@ -6,8 +6,9 @@ without labels is then an error). Pre-training loaders leave labels out.
 
 Training (`make_train_loader`): a `grain.DataLoader` over the source with an
 `IndexSampler` (global shuffle with `seed`, reshuffled every epoch, infinite
-by default) and per-process `ShardOptions(process_index, process_count,
-drop_remainder=True)`; workers decode, crop, flip, optionally RandAugment /
+by default); with several processes a `GlobalBatchSampler` gives each process
+its rows of every global batch of that same stream, so the global batches do
+not depend on the process count; workers decode, crop, flip, optionally RandAugment /
 colour-jitter (data.randaug_* / data.color_jitter, off by default) and batch. Its iterator is a
 `grain.DataLoaderIterator`: `get_state()` returns bytes and `set_state(bytes)`
 restores the exact position, and it is what grain's orbax handler saves:
@@ -16,9 +17,11 @@ restores the exact position, and it is what grain's orbax handler saves:
     manager.save(step, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(iterator), ...))
     manager.restore(step, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(iterator)))
 
-A batch's content depends on (source, seed, process_index/count, batch size,
-worker_count): resuming needs the same values, and grain refuses a state
-saved with another worker_count, sampler or source.
+A global batch's content depends on (source, seed, batch size, worker_count),
+not on the process count: resuming needs the same values, and grain refuses a
+state saved with another worker_count, sampler or source. A run resumed on
+another number of processes continues the same batches through
+`TrainLoader.iterator_at(step)` (exact unless undecodable images were skipped).
 
 Evaluation (`make_eval_loader`): one deterministic pass over a contiguous
 slice of the split per process, centre crops, fixed-size batches with a
@@ -28,7 +31,9 @@ slice of the split per process, centre crops, fixed-size batches with a
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import sys
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -66,9 +71,24 @@ class TrainLoader:
   process_count: int
   num_classes: int | None = None
   with_labels: bool = False
+  process_index: int = 0
 
   def __iter__(self) -> grain.DataLoaderIterator:
     return iter(self.data_loader)
+
+  def iterator_at(self, step: int) -> grain.DataLoaderIterator:
+    """An iterator whose next batch is this process's part of global batch `step`.
+
+    For a run resumed on another number of processes (whose saved iterator state
+    belongs to the old layout): the batch order is the same for every layout.
+    """
+    iterator = iter(self.data_loader)
+    if step:
+      workers = self.data_loader.multiprocessing_options.num_workers
+      iterator.set_state(json.dumps(_loader_state_after(
+          json.loads(iterator.get_state()), step, self.local_batch_size, workers,
+          self.process_index, self.process_count)).encode())
+    return iterator
 
   @property
   def steps_per_epoch(self) -> int:
@@ -137,8 +157,14 @@ def make_train_loader(data_config: Any, *, global_batch_size: int, seed: int, im
     _check_has_labels(source, split)
   _check_shard_fits(len(source), split, local_batch_size, process_count)
   shard_options = grain.sharding.ShardOptions(process_index, process_count, drop_remainder=True)
-  sampler = grain.samplers.IndexSampler(len(source), shard_options=shard_options, shuffle=True,
-                                        num_epochs=num_epochs, seed=seed)
+  if worker_count is None:
+    worker_count = config_value(data_config, "worker_count")
+  if process_count == 1:
+    sampler = _stream_sampler(len(source), seed, num_epochs)
+  else:
+    sampler = GlobalBatchSampler(len(source), global_batch_size=global_batch_size,
+                                 process_index=process_index, process_count=process_count,
+                                 worker_count=worker_count, seed=seed, num_epochs=num_epochs)
   operations = [
       transforms.DecodeRandomResizedCrop(
           image_size, scale=tuple(config_value(data_config, "crop_scale")),
@@ -155,7 +181,8 @@ def make_train_loader(data_config: Any, *, global_batch_size: int, seed: int, im
                loader.multiprocessing_options.num_workers, ", labels" if with_labels else "",
                f", {augmentation}" if augmentation is not None else "")
   return TrainLoader(loader, global_batch_size, local_batch_size, len(source), process_count,
-                     num_classes=source.num_classes, with_labels=with_labels)
+                     num_classes=source.num_classes, with_labels=with_labels,
+                     process_index=process_index)
 
 
 def make_eval_loader(data_config: Any, *, global_batch_size: int, image_size: int,
@@ -281,6 +308,75 @@ def _number(data_config: Any, key: str, *, low: float, high: float = math.inf) -
     allowed = f"[{low:g}, {high:g}]" if math.isfinite(high) else f">= {low:g}"
     raise DataError(f"data.{key} {value!r} invalid: use a number {allowed}.")
   return float(value)
+
+
+def _stream_sampler(num_records: int, seed: int,
+                    num_epochs: int | None) -> grain.samplers.IndexSampler:
+  """The record stream a single process reads: a global shuffle, reshuffled every epoch."""
+  return grain.samplers.IndexSampler(
+      num_records, shard_options=grain.sharding.ShardOptions(0, 1, drop_remainder=True),
+      shuffle=True, num_epochs=num_epochs, seed=seed)
+
+
+class GlobalBatchSampler:
+  """Process p's rows [p*b, (p+1)*b) of every global batch of the single-process stream.
+
+  A single process with W workers builds global batch j in worker j % W from
+  stream records i + m*W (i = j % W, m in [(j // W) * B, (j // W + 1) * B)).
+  The DataLoader asks this sampler for index k*P + p (its k-th record) and
+  gives record k to worker k % W, which batches its records in order; the
+  mapping below makes that record the one the single process would have put
+  in the same row. Records keep the stream's augmentation rng.
+  """
+
+  def __init__(self, num_records: int, *, global_batch_size: int, process_index: int,
+               process_count: int, worker_count: int, seed: int, num_epochs: int | None):
+    self._stream = _stream_sampler(num_records, seed, num_epochs)
+    self._args = dict(num_records=num_records, global_batch_size=global_batch_size,
+                      process_index=process_index, process_count=process_count,
+                      worker_count=worker_count, seed=seed, num_epochs=num_epochs)
+    self._batch = global_batch_size
+    self._local = global_batch_size // process_count
+    self._process, self._count = process_index, process_count
+    self._workers = max(worker_count, 1)
+    # Whole global batches only, so that every process gets the same number of records.
+    self._length = (sys.maxsize if num_epochs is None
+                    else len(self._stream) // global_batch_size * global_batch_size)
+
+  def __len__(self) -> int:
+    return self._length
+
+  def __repr__(self) -> str:
+    return "GlobalBatchSampler(" + ", ".join(f"{k}={v!r}" for k, v in self._args.items()) + ")"
+
+  def __getitem__(self, index: int) -> grain.RecordMetadata:
+    if not 0 <= index < self._length:
+      raise IndexError(f"index {index} out of range for {self!r}")
+    position, worker = divmod(index // self._count, self._workers)
+    row_block, row = divmod(position, self._local)
+    stream_index = worker + (row_block * self._batch + self._process * self._local + row
+                             ) * self._workers
+    # Only a worker's incomplete last batch (dropped) can reach past the finite stream.
+    record = self._stream[stream_index % len(self._stream)]
+    return grain.RecordMetadata(index=index, record_key=record.record_key, rng=record.rng)
+
+
+def _loader_state_after(state: dict[str, Any], step: int, local_batch_size: int,
+                        worker_count: int, process_index: int,
+                        process_count: int) -> dict[str, Any]:
+  """grain's DataLoader iterator state after `step` local batches (fields as grain writes them).
+
+  Worker i made the batches j < step with j % W == i, b records each; grain
+  records the last sampler index each worker read and the next worker to ask.
+  """
+  workers = max(worker_count, 1)
+  stride = workers * process_count
+  last_seen = {}
+  for worker in range(workers):
+    consumed = max(0, -(-(step - worker) // workers)) * local_batch_size
+    last_seen[str(worker)] = process_index - stride + worker * process_count + consumed * stride
+  return {**state, "last_seen_indices": last_seen,
+          "last_worker_index": step % workers - 1 if worker_count else -1}
 
 
 class SliceSource:

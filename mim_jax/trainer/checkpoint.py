@@ -6,6 +6,7 @@ mid-save leaves the previous checkpoint as the latest; stale temporaries are
 removed on the next start.
 """
 
+import os
 from typing import Any
 
 import grain
@@ -21,6 +22,8 @@ class Checkpointer:
   """Saves and restores {state, data iterator, meta} with an orbax CheckpointManager."""
 
   def __init__(self, workdir: str, keep: int, *, async_save: bool = True):
+    # orbax needs absolute paths; gs:// and other URLs already are.
+    workdir = workdir if "://" in workdir else os.path.abspath(workdir)
     self.directory = epath.Path(workdir) / "checkpoints"
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=True, cleanup_tmp_directories=True,
@@ -78,13 +81,19 @@ class Checkpointer:
           f"({len(problems)} leaves differ: {shown}); use another --workdir or the matching "
           f"config (the checkpoint was left untouched)")
 
-  def restore(self, step: int, abstract_state: Any, data_iterator: Any) -> tuple[Any, dict]:
-    """Restores onto the shardings carried by `abstract_state` (ShapeDtypeStructs)."""
+  def restore(self, step: int, abstract_state: Any,
+              data_iterator: Any = None) -> tuple[Any, dict]:
+    """Restores onto the shardings carried by `abstract_state` (ShapeDtypeStructs).
+
+    These are the current run's, so any mesh and process count works. Without
+    `data_iterator` the saved input position is left alone (it is saved per
+    process, so a run with another process count cannot use it).
+    """
     self.check_compatible(step, abstract_state)
-    restored = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state),
-        data=grain.checkpoint.CheckpointRestore(data_iterator),
-        meta=ocp.args.JsonRestore()))
+    items = dict(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
+    if data_iterator is not None:
+      items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+    restored = self.manager.restore(step, args=ocp.args.Composite(**items))
     return restored["state"], restored["meta"]
 
   def wait(self) -> None:

@@ -18,6 +18,7 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from mim_jax.data import pipeline
@@ -226,11 +227,19 @@ def figure_examples(config: ml_collections.ConfigDict) -> np.ndarray:
 # Preemption
 # ----------------------------------------------------------------------------
 class PreemptionWatcher:
-  """Turns SIGTERM (TPU maintenance / preemption) into a flag the loop checks."""
+  """Turns SIGTERM (TPU maintenance / preemption) into a flag the loop checks.
+
+  With several processes JAX's preemption service catches SIGTERM, and `check`
+  returns True on every process at the same step: one process saving alone
+  would wait forever for the others.
+  """
 
   def __init__(self):
     self.requested = False
     self._previous = None
+    self._synced = jax.process_count() > 1 and _preemption_service_running()
+    if self._synced:
+      return
     try:
       self._previous = signal.signal(signal.SIGTERM, self._handle)
     except ValueError:  # not the main thread (e.g. some notebook runners): no handler
@@ -240,9 +249,27 @@ class PreemptionWatcher:
     del signum, frame
     self.requested = True
 
+  def check(self, step: int) -> bool:
+    """Whether to save and stop after `step`; call it at every step, on every process."""
+    if self._synced and not self.requested:
+      self.requested = multihost_utils.reached_preemption_sync_point(step)
+    return self.requested
+
   def close(self):
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
+
+
+def host_copy(tree: Any) -> Any:
+  """Numpy copy of a (possibly sharded across hosts) pytree, on every process."""
+  if jax.process_count() == 1:
+    return jax.device_get(tree)
+  return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def _preemption_service_running() -> bool:
+  from jax._src import distributed as jax_distributed  # pylint: disable=import-outside-toplevel
+  return getattr(jax_distributed.global_state, "preemption_sync_manager", None) is not None
 
 
 # ----------------------------------------------------------------------------
@@ -284,12 +311,19 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Any) -> dict[st
   latest = ckpt.latest_step()
   if latest is not None:
     ckpt.check_frozen(latest, frozen_meta)
-    state, _ = ckpt.restore(latest, abstract_state, data_iter)
+    saved_processes = ckpt.read_meta(latest).get("process_count", jax.process_count())
+    if saved_processes == jax.process_count():
+      state, _ = ckpt.restore(latest, abstract_state, data_iter)
+    else:  # the batch order does not depend on the process count: continue it here
+      state, _ = ckpt.restore(latest, abstract_state)
+      data_iter = loader.iterator_at(latest)
+      logging.info("Checkpoint written by %d processes, resumed by %d: the input pipeline "
+                   "continues at global batch %d", saved_processes, jax.process_count(), latest)
     logging.info("Resumed from step %d in %s", latest, ckpt.directory)
   else:
     state = init_state()
     if hasattr(task, "merge_pretrained"):  # weights from config.init, on the same shardings
-      merged = task.merge_pretrained(jax.device_get(state["params"]))
+      merged = task.merge_pretrained(host_copy(state["params"]))
       state["params"] = jax.device_put(merged, state_shardings["params"])
       if "ema_params" in state:
         state["ema_params"] = jax.device_put(merged, state_shardings["ema_params"])
@@ -308,12 +342,14 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Any) -> dict[st
   if config.image_every and hasattr(task, "reconstruct"):
     figure_images = figure_examples(config)
 
-  reconstruct = jax.jit(task.reconstruct) if figure_images is not None else None
+  # Replicated output: with several processes every one can fetch it.
+  reconstruct = (jax.jit(task.reconstruct, out_shardings=sharding.replicated(mesh))
+                 if figure_images is not None else None)
 
   def write_figure(step: int) -> None:
     if reconstruct is None:
       return
-    views = jax.device_get(reconstruct(state["params"], jnp.asarray(figure_images),
+    views = jax.device_get(reconstruct(state["params"], figure_images,
                                        jax.random.PRNGKey(config.seed)))
     if not primary:
       return
@@ -364,6 +400,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Any) -> dict[st
                      time.perf_counter() - throughput.last_time)
 
       final = step == total_steps
+      preemption.check(step)
       if step % config.log_every == 0 or final or preemption.requested:
         scalars = drain_metrics()
         scalars.update(throughput.update(step))
@@ -373,7 +410,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Any) -> dict[st
       if step % config.checkpoint_every == 0 or final or preemption.requested:
         drain_metrics()
         ckpt.save(step, state, data_iter,
-                  {"step": step, "config": config.to_json(), "frozen": frozen_meta})
+                  {"step": step, "config": config.to_json(), "frozen": frozen_meta,
+                   "process_count": jax.process_count()})
         throughput.reset_clock(step)  # images/s measures training, not the save
       if evaluator is not None and (step % config.eval_every == 0 or final):
         results = evaluator(state)

@@ -84,12 +84,13 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def check_batch_size(global_batch_size: int, mesh: Mesh) -> None:
+  processes = jax.process_count()
+  if global_batch_size % processes:  # first: the mesh's size is a multiple of it
+    raise ConfigError(f"batch_size {global_batch_size} is not divisible by the {processes} "
+                      f"processes; use a multiple of {mesh.size} (the devices of all of them)")
   if global_batch_size % mesh.size:
     raise ConfigError(f"batch_size {global_batch_size} is not divisible by the {mesh.size} "
                       f"devices of the mesh; use a multiple of {mesh.size}")
-  if global_batch_size % jax.process_count():
-    raise ConfigError(f"batch_size {global_batch_size} is not divisible by the "
-                      f"{jax.process_count()} processes")
 
 
 def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
