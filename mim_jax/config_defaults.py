@@ -30,8 +30,11 @@ def base_config() -> ml_collections.ConfigDict:
       depth=config_dict.placeholder(int),
       num_heads=config_dict.placeholder(int),
       mlp_ratio=4.0,
-      dtype="float32",
-      decoder=dict(width=96, depth=1, num_heads=3),
+      dtype="float32",  # compute dtype: float32 | bfloat16 (TPU/GPU); params stay float32
+      remat="none",  # none | block | block_dots: recompute block activations in backward
+      scan_blocks=False,  # nn.scan over the blocks (checkpoints keep blocks_{i} either way)
+      decoder=dict(width=96, depth=1, num_heads=3,
+                   dtype=config_dict.placeholder(str)),  # None = model.dtype
       decoder_layer=config_dict.placeholder(int),  # decoder reads this block; None = last
       extra_attention_block=False,  # D²-MAE's attention-only block depth + 1
   ))
@@ -43,6 +46,8 @@ def base_config() -> ml_collections.ConfigDict:
       attn_weight=1.0,  # alpha
       hidden_pairs=(),  # (student layer, teacher layer), 0 = embeddings; empty = off
       hidden_weight=1.0,
+      teacher_dtype=config_dict.placeholder(str),  # compute dtype; None = model.dtype
+      teacher_scan_blocks=False,  # nn.scan over the teacher's blocks (no remat: forward only)
   ))
   config.optimizer = ml_collections.ConfigDict(dict(
       base_lr=1.5e-4,  # lr = base_lr * batch_size / 256
@@ -136,7 +141,9 @@ def finetune_config() -> ml_collections.ConfigDict:
   config.model = ml_collections.ConfigDict(dict(
       variant="tiny", patch_size=16, width=config_dict.placeholder(int),
       depth=config_dict.placeholder(int), num_heads=config_dict.placeholder(int),
-      mlp_ratio=4.0, dtype="float32",
+      mlp_ratio=4.0, dtype="float32",  # compute dtype: float32 | bfloat16; params float32
+      remat="none",  # none | block | block_dots
+      scan_blocks=False,  # nn.scan over the blocks (checkpoints keep blocks_{i} either way)
       pool="gap",  # global average pooling of patch tokens + fc_norm; 'cls' = cls token
       drop_path_rate=0.0,
   ))
@@ -199,6 +206,7 @@ def linear_probe_config() -> ml_collections.ConfigDict:
   for key in ("init_keep_blocks", "mixup", "ema_decay"):  # nothing to mix, reserve or average
     del config[key]
   del config.model["drop_path_rate"]
+  del config.model["remat"]  # the encoder is frozen: no backward pass to save memory in
   config.model.pool = "cls"  # MAE's probe default; 'gap' = mean of patch tokens, no affine
   config.batch_size = 16384
   config.total_epochs = 90.0

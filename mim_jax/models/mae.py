@@ -1,4 +1,8 @@
-"""MAE: the ViT encoder on visible patches plus a light pixel-reconstruction decoder."""
+"""MAE: the ViT encoder on visible patches plus a light pixel-reconstruction decoder.
+
+The decoder has its own compute dtype and remat setting (its blocks are never
+scanned: MAE-Lite's decoder has one block); params are float32 as the encoder's.
+"""
 
 from typing import Any, Sequence
 
@@ -8,7 +12,8 @@ import jax
 import jax.numpy as jnp
 
 from mim_jax.models import posembed
-from mim_jax.models.vit import Block, VisionTransformer, dense_init, layer_norm, token_init
+from mim_jax.models.vit import (PARAM_DTYPE, VisionTransformer, block_class, dense, layer_norm,
+                                token_init)
 
 
 class MAEDecoder(nn.Module):
@@ -23,6 +28,7 @@ class MAEDecoder(nn.Module):
   num_heads: int = 3
   mlp_ratio: float = 4.0
   dtype: Any = jnp.float32
+  remat: str = "none"
 
   @nn.compact
   def __call__(self, latent: jax.Array, ids_restore: jax.Array) -> jax.Array:
@@ -31,18 +37,19 @@ class MAEDecoder(nn.Module):
     num_patches = ids_restore.shape[1]
     grid = int(round(num_patches**0.5))
     chex.assert_equal(grid * grid, num_patches)
-    x = nn.Dense(self.width, kernel_init=dense_init, dtype=self.dtype, name="embed")(latent)
-    mask_token = self.param("mask_token", token_init, (1, 1, self.width)).astype(x.dtype)
+    x = dense(self.width, self.dtype, "embed")(latent)
+    mask_token = self.param("mask_token", token_init, (1, 1, self.width),
+                            PARAM_DTYPE).astype(x.dtype)
     masked = jnp.broadcast_to(mask_token, (batch, num_patches + 1 - num_tokens, self.width))
     patches = jnp.concatenate([x[:, 1:], masked], axis=1)
     patches = jnp.take_along_axis(patches, ids_restore[..., None], axis=1)
     x = jnp.concatenate([x[:, :1], patches], axis=1)
     x = x + jnp.asarray(posembed.sincos_2d(self.width, grid, cls_token=True), x.dtype)[None]
+    block = block_class(self.remat)
     for i in range(self.depth):
-      x, _, _ = Block(self.num_heads, self.mlp_ratio, self.dtype, name=f"blocks_{i}")(x)
+      x, _, _ = block(self.num_heads, self.mlp_ratio, self.dtype, name=f"blocks_{i}")(x, True)
     x = layer_norm("norm", self.dtype)(x)
-    x = nn.Dense(self.patch_size**2 * 3, kernel_init=dense_init, dtype=self.dtype,
-                 name="pred")(x)
+    x = dense(self.patch_size**2 * 3, self.dtype, "pred")(x)
     return x[:, 1:]
 
 

@@ -3,6 +3,29 @@
 Parameter names mirror timm's `VisionTransformer` (`patch_embed/proj`,
 `blocks_{i}/attn/qkv`, `blocks_{i}/mlp/fc1`, `norm`, `fc_norm`, `head`) so the
 PyTorch converter is a rename plus transposes.
+
+Mixed precision. Parameters are always float32 (`PARAM_DTYPE`); `dtype` is the
+compute dtype of the activations and matmuls (float32, or bfloat16 on TPU/GPU).
+Images come in normalised in float32 and are cast by the patch projection. What
+stays float32 whatever `dtype` is:
+  * LayerNorm statistics and the normalisation itself (flax upcasts its input to
+    float32 and casts only the result back to `dtype`); the variance is two-pass,
+    as PyTorch's: E[x^2] - E[x]^2 loses all precision on residual streams with
+    large per-token means (common in trained ViTs);
+  * attention logits: q k^T accumulates into float32 (`preferred_element_type`),
+    so the softmax and the captured logits (distillation targets) are float32;
+    the probabilities are cast back to `dtype` for the value matmul;
+  * the classification head (a (d, classes) matmul: negligible cost, and bfloat16
+    logits would quantise the softmax);
+  * every loss (the objectives cast their inputs to float32).
+The residual stream, hidden representations and MLP run in `dtype`.
+
+Memory. `remat` recomputes each block's activations in the backward pass
+(`REMAT_POLICIES`); `scan_blocks` runs blocks 1..depth as one `nn.scan` (compile
+time independent of depth). A scanned model's params hold the blocks stacked
+under `SCANNED_BLOCKS` (leading axis = depth): everything outside the model
+(train state, optimizer, checkpoints, converted files) keeps the per-block
+`blocks_{i}` layout, and `mim_jax.models.scan` converts at `apply`.
 """
 
 from typing import Any, Sequence
@@ -21,6 +44,17 @@ VARIANTS = {
     "base": dict(width=768, depth=12, num_heads=12),
     "large": dict(width=1024, depth=24, num_heads=16),
 }
+
+PARAM_DTYPE = jnp.float32
+COMPUTE_DTYPES = ("float32", "bfloat16")
+# 'block': save only each block's input, recompute the rest; 'block_dots': also save the
+# outputs of the projections (qkv, proj, fc1, fc2), recompute attention and elementwise ops.
+REMAT_POLICIES = {
+    "none": None,
+    "block": jax.checkpoint_policies.nothing_saveable,
+    "block_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+SCANNED_BLOCKS = "scanned_blocks"
 
 # MAE init: xavier-uniform linear layers with zero bias; the patch projection is
 # xavier-uniform on its (width, 3*p*p) view, i.e. fan_out = width (not width*p*p).
@@ -41,15 +75,28 @@ def encoder_kwargs(variant: str | None = None, **overrides: Any) -> dict[str, An
   return kwargs
 
 
+def compute_dtype(name: str) -> Any:
+  """'float32' | 'bfloat16' -> the jnp dtype (float16 would need loss scaling)."""
+  if name not in COMPUTE_DTYPES:
+    raise ValueError(f"compute dtype {name!r} is not supported; choose from {COMPUTE_DTYPES}")
+  return jnp.dtype(name)
+
+
 def layer_norm(name: str, dtype: Any = jnp.float32) -> nn.LayerNorm:
-  return nn.LayerNorm(epsilon=1e-6, dtype=dtype, name=name)
+  return nn.LayerNorm(epsilon=1e-6, dtype=dtype, param_dtype=PARAM_DTYPE,
+                      use_fast_variance=False, force_float32_reductions=True, name=name)
+
+
+def dense(features: int, dtype: Any, name: str) -> nn.Dense:
+  return nn.Dense(features, kernel_init=dense_init, dtype=dtype, param_dtype=PARAM_DTYPE,
+                  name=name)
 
 
 class Attention(nn.Module):
   """Multi-head self-attention with a fused qkv projection; also returns the logits.
 
-  With `logits_only` it stops after the scaled q k^T (D²-MAE's extra block has no
-  output projection).
+  The logits are float32 whatever `dtype` is. With `logits_only` it stops after the
+  scaled q k^T (D²-MAE's extra block has no output projection).
   """
   num_heads: int
   dtype: Any = jnp.float32
@@ -61,16 +108,16 @@ class Attention(nn.Module):
     if width % self.num_heads:
       raise ValueError(f"width {width} is not divisible by num_heads {self.num_heads}")
     head_dim = width // self.num_heads
-    qkv = nn.Dense(3 * width, kernel_init=dense_init, dtype=self.dtype, name="qkv")(x)
+    qkv = dense(3 * width, self.dtype, "qkv")(x)
     qkv = qkv.reshape(batch, tokens, 3, self.num_heads, head_dim)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) * head_dim**-0.5
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+    logits = logits * jnp.float32(head_dim**-0.5)
     if self.logits_only:
       return None, logits
-    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(batch, tokens, width)
-    out = nn.Dense(width, kernel_init=dense_init, dtype=self.dtype, name="proj")(out)
-    return out, logits
+    return dense(width, self.dtype, "proj")(out), logits
 
 
 class Mlp(nn.Module):
@@ -80,28 +127,42 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     width = x.shape[-1]
-    x = nn.Dense(self.hidden, kernel_init=dense_init, dtype=self.dtype, name="fc1")(x)
+    x = dense(self.hidden, self.dtype, "fc1")(x)
     x = nn.gelu(x, approximate=False)  # exact erf GELU, as PyTorch's nn.GELU
-    return nn.Dense(width, kernel_init=dense_init, dtype=self.dtype, name="fc2")(x)
+    return dense(width, self.dtype, "fc2")(x)
+
+
+def apply_drop_path(x: jax.Array, keep: float | jax.Array, rng: jax.Array) -> jax.Array:
+  """Zeroes x per example with probability 1 - keep, scales the kept ones by 1 / keep.
+
+  `keep` may be traced (a scanned per-block input); keep = 1 returns x exactly.
+  """
+  shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+  mask = jax.random.bernoulli(rng, keep, shape)
+  return jnp.where(mask, x / jnp.asarray(keep, x.dtype), jnp.zeros_like(x))
 
 
 class DropPath(nn.Module):
   """Stochastic depth (timm's DropPath): zero a residual branch per example with
-  probability `rate`, scale the kept ones by 1 / (1 - rate). Uses the 'dropout' rng."""
+  probability `rate`, scale the kept ones by 1 / (1 - rate). Uses `rng`, or the
+  'dropout' rng when none is given."""
   rate: float
 
   @nn.compact
-  def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, deterministic: bool,
+               rng: jax.Array | None = None) -> jax.Array:
     if deterministic or self.rate == 0.0:
       return x
-    keep = 1.0 - self.rate
-    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
-    mask = jax.random.bernoulli(self.make_rng("dropout"), keep, shape)
-    return jnp.where(mask, x / keep, jnp.zeros_like(x))
+    return apply_drop_path(x, 1.0 - self.rate, self.make_rng("dropout") if rng is None else rng)
 
 
 class Block(nn.Module):
-  """Pre-norm transformer block. Returns (output, attention logits, LN1(input))."""
+  """Pre-norm transformer block. Returns (output, attention logits, LN1(input)).
+
+  `rng` (optional) is the block's stochastic-depth key (split between its two
+  branches); `keep` (optional, traced) overrides `drop_path` with a keep
+  probability, for the scan over blocks where the rate differs per block.
+  """
   num_heads: int
   mlp_ratio: float = 4.0
   dtype: Any = jnp.float32
@@ -109,18 +170,34 @@ class Block(nn.Module):
   drop_path: float = 0.0
 
   @nn.compact
-  def __call__(self, x: jax.Array,
-               deterministic: bool = True) -> tuple[jax.Array, jax.Array, jax.Array]:
+  def __call__(self, x: jax.Array, deterministic: bool = True, rng: jax.Array | None = None,
+               keep: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
     normed = layer_norm("norm1", self.dtype)(x)
     attn_out, logits = Attention(self.num_heads, self.dtype, self.attention_only,
                                  name="attn")(normed)
     if self.attention_only:
       return x, logits, normed
-    drop = DropPath(self.drop_path)
-    x = x + drop(attn_out, deterministic)
-    x = x + drop(Mlp(int(x.shape[-1] * self.mlp_ratio), self.dtype,
-                     name="mlp")(layer_norm("norm2", self.dtype)(x)), deterministic)
+    rngs = (None, None) if rng is None else tuple(jax.random.split(rng))
+    if keep is None:
+      drop = DropPath(self.drop_path)
+      branch = lambda y, key: drop(y, deterministic, key)
+    else:
+      branch = lambda y, key: y if deterministic else apply_drop_path(y, keep, key)
+    x = x + branch(attn_out, rngs[0])
+    mlp = Mlp(int(x.shape[-1] * self.mlp_ratio), self.dtype, name="mlp")
+    x = x + branch(mlp(layer_norm("norm2", self.dtype)(x)), rngs[1])
     return x, logits, normed
+
+
+def block_class(remat: str, scanned: bool = False) -> type[Block]:
+  """`Block`, or `Block` under `nn.remat` with the named policy."""
+  if remat not in REMAT_POLICIES:
+    raise ValueError(f"remat={remat!r} is unknown; choose from {sorted(REMAT_POLICIES)}")
+  if REMAT_POLICIES[remat] is None:
+    return Block
+  # CSE prevention is only needed outside loops (jax.checkpoint's documentation).
+  return nn.remat(Block, policy=REMAT_POLICIES[remat], static_argnums=(2,),
+                  prevent_cse=not scanned)
 
 
 class PatchEmbed(nn.Module):
@@ -132,7 +209,8 @@ class PatchEmbed(nn.Module):
   @nn.compact
   def __call__(self, images: jax.Array) -> jax.Array:
     x = nn.Conv(self.width, (self.patch_size,) * 2, strides=(self.patch_size,) * 2,
-                padding="VALID", kernel_init=patch_init, dtype=self.dtype, name="proj")(images)
+                padding="VALID", kernel_init=patch_init, dtype=self.dtype,
+                param_dtype=PARAM_DTYPE, name="proj")(images)
     return x.reshape(x.shape[0], -1, self.width)
 
 
@@ -149,7 +227,13 @@ class VisionTransformer(nn.Module):
       qkv on the last block's output, only for its attention logits (layer depth + 1).
       It changes no output; exports and fine-tuning drop it.
     drop_path_rate: stochastic depth of the last block; block i gets
-      rate * i / (depth - 1) (timm's linspace), active only with `train=True`.
+      rate * i / (depth - 1) (timm's linspace), active only with `train=True`. Block
+      i's key is fold_in(dropout rng, i), scanned or not.
+    dtype: compute dtype (see the module docstring); params are float32.
+    remat: 'none' | 'block' | 'block_dots' (`REMAT_POLICIES`), for blocks 1..depth.
+    scan_blocks: blocks 1..depth as one `nn.scan`; params under `SCANNED_BLOCKS`,
+      stacked (`mim_jax.models.scan` converts from and to `blocks_{i}`). The extra
+      attention block stays outside the scan. Same outputs as unscanned.
   """
   patch_size: int = 16
   width: int = 192
@@ -162,6 +246,8 @@ class VisionTransformer(nn.Module):
   extra_attention_block: bool = False
   drop_path_rate: float = 0.0
   dtype: Any = jnp.float32
+  remat: str = "none"
+  scan_blocks: bool = False
 
   def grid_size(self, image_size: int) -> int:
     if image_size % self.patch_size:
@@ -174,8 +260,11 @@ class VisionTransformer(nn.Module):
     if self.posemb == "sincos":
       return jnp.asarray(table)
     if self.posemb == "learn":
-      return self.param("pos_embed", lambda *_: jnp.asarray(table))
+      return self.param("pos_embed", lambda *_: jnp.asarray(table, PARAM_DTYPE))
     raise ValueError(f"unknown posemb {self.posemb!r}; use 'sincos' or 'learn'")
+
+  def drop_rates(self) -> list[float]:
+    return [self.drop_path_rate * i / max(self.depth - 1, 1) for i in range(self.depth)]
 
   @nn.compact
   def __call__(self, images: jax.Array, *, ids_keep: jax.Array | None = None,
@@ -196,15 +285,16 @@ class VisionTransformer(nn.Module):
       train: enables stochastic depth (needs a 'dropout' rng when drop_path_rate > 0).
 
     Returns:
-      dict with 'tokens' (B, N, d) final-norm output (raw for pool='gap'), 'attn_logits' and 'hidden'
-      (dicts keyed by the captured layer), 'latent' if asked, and 'pooled'/'logits' when a
-      head exists.
+      dict with 'tokens' (B, N, d) final-norm output (raw for pool='gap'), 'attn_logits'
+      (float32) and 'hidden' (dicts keyed by the captured layer), 'latent' if asked, and
+      'pooled'/'logits' (float32) when a head exists.
     """
     chex.assert_rank(images, 4)
     batch, height, width_px, _ = images.shape
     if height != width_px:
       raise ValueError(f"images must be square, got {height}x{width_px}")
     attention_layers = self.depth + int(self.extra_attention_block)
+    capture_layers = tuple(capture_layers)
     for layer in capture_layers:
       if not 0 <= layer <= attention_layers:
         raise ValueError(f"capture layer {layer} outside 0..{attention_layers}")
@@ -212,6 +302,8 @@ class VisionTransformer(nn.Module):
       raise ValueError(f"latent layer {latent_layer} outside 1..{self.depth}")
     if latent_layer is not None and self.pool == "gap":
       raise ValueError("latent_layer needs the final norm, which pool='gap' models lack")
+    if self.pool not in ("cls", "gap"):
+      raise ValueError(f"unknown pool {self.pool!r}; use 'cls' or 'gap'")
     grid = self.grid_size(height)
 
     x = PatchEmbed(self.patch_size, self.width, self.dtype, name="patch_embed")(images)
@@ -220,25 +312,22 @@ class VisionTransformer(nn.Module):
     if ids_keep is not None:
       chex.assert_rank(ids_keep, 2)
       x = jnp.take_along_axis(x, ids_keep[..., None], axis=1)
-    cls = self.param("cls_token", token_init, (1, 1, self.width)).astype(x.dtype) + pos[:, :1]
+    cls = self.param("cls_token", token_init, (1, 1, self.width),
+                     PARAM_DTYPE).astype(x.dtype) + pos[:, :1]
     x = jnp.concatenate([jnp.broadcast_to(cls, (batch, 1, self.width)), x], axis=1)
 
-    attn_logits, hidden = {}, {}
-    if 0 in capture_layers:
-      hidden[0] = x
-    latent_input = None
-    for i in range(attention_layers):
-      extra = i == self.depth
-      x, logits, normed_input = Block(
-          self.num_heads, self.mlp_ratio, self.dtype, attention_only=extra,
-          drop_path=0.0 if extra else self.drop_path_rate * i / max(self.depth - 1, 1),
-          name=f"blocks_{i}")(x, not train)
-      if i in capture_layers and not extra:  # block i+1 normalises block i's output
-        hidden[i] = normed_input
-      if i + 1 in capture_layers:
-        attn_logits[i + 1] = logits
-      if i + 1 == latent_layer:
-        latent_input = x
+    drop_key = None
+    if train and self.drop_path_rate > 0:
+      drop_key = self.make_rng("dropout")
+    blocks = self._scanned_blocks if self.scan_blocks else self._unrolled_blocks
+    x, attn_logits, hidden, latent_input = blocks(x, capture_layers, latent_layer, train,
+                                                  drop_key)
+    if self.extra_attention_block:
+      _, logits, _ = Block(self.num_heads, self.mlp_ratio, self.dtype, attention_only=True,
+                           name=f"blocks_{self.depth}")(x)
+      if self.depth + 1 in capture_layers:
+        attn_logits[self.depth + 1] = logits
+
     final_norm = None if self.pool == "gap" else layer_norm("norm", self.dtype)
     tokens = x if final_norm is None else final_norm(x)
     if self.depth in capture_layers:
@@ -247,14 +336,64 @@ class VisionTransformer(nn.Module):
     if latent_input is not None:
       out["latent"] = final_norm(latent_input)
 
-    if self.pool not in ("cls", "gap"):
-      raise ValueError(f"unknown pool {self.pool!r}; use 'cls' or 'gap'")
     if self.num_classes:
       if self.pool == "gap":
         pooled = layer_norm("fc_norm", self.dtype)(tokens[:, 1:].mean(axis=1))
       else:
         pooled = tokens[:, 0]
       out["pooled"] = pooled
-      out["logits"] = nn.Dense(self.num_classes, kernel_init=dense_init, dtype=self.dtype,
-                               name="head")(pooled)
+      out["logits"] = dense(self.num_classes, jnp.float32, "head")(pooled.astype(jnp.float32))
     return out
+
+  def _unrolled_blocks(self, x: jax.Array, capture_layers: tuple[int, ...],
+                       latent_layer: int | None, train: bool, drop_key: jax.Array | None):
+    """Blocks 1..depth as `blocks_{i}`: (x, attn_logits, hidden, latent input)."""
+    attn_logits, hidden, latent_input = {}, {}, None
+    block = block_class(self.remat)
+    for i, rate in enumerate(self.drop_rates()):
+      rng = None if drop_key is None else jax.random.fold_in(drop_key, i)
+      x, logits, normed_input = block(self.num_heads, self.mlp_ratio, self.dtype,
+                                      drop_path=rate, name=f"blocks_{i}")(x, not train, rng)
+      if i in capture_layers:  # block i+1 normalises block i's output (layer 0: embeddings)
+        hidden[i] = normed_input
+      if i + 1 in capture_layers:
+        attn_logits[i + 1] = logits
+      if i + 1 == latent_layer:
+        latent_input = x
+    return x, attn_logits, hidden, latent_input
+
+  def _scanned_blocks(self, x: jax.Array, capture_layers: tuple[int, ...],
+                      latent_layer: int | None, train: bool, drop_key: jax.Array | None):
+    """Blocks 1..depth as one scan. What is captured is carried in one buffer per
+    captured output, overwritten at its layer: memory of the captured layers only,
+    not of all depth layers."""
+    batch, tokens, _ = x.shape
+    # (buffer name, which output of the block, 0-based block index)
+    wanted = [(f"attn_{k}", 1, k - 1) for k in capture_layers if 1 <= k <= self.depth]
+    wanted += [(f"hidden_{k}", 2, k) for k in capture_layers if k < self.depth]
+    if latent_layer is not None:
+      wanted.append(("latent", 0, latent_layer - 1))
+    logits_shape = (batch, self.num_heads, tokens, tokens)
+    buffers = {name: jnp.zeros(logits_shape if output == 1 else x.shape,
+                               jnp.float32 if output == 1 else x.dtype)
+               for name, output, _ in wanted}
+    layers: dict[str, jax.Array] = {"index": jnp.arange(self.depth)}
+    if drop_key is not None:
+      layers["rng"] = jax.vmap(lambda i: jax.random.fold_in(drop_key, i))(layers["index"])
+      layers["keep"] = jnp.asarray([1.0 - rate for rate in self.drop_rates()], jnp.float32)
+
+    def body(block: Block, carry, layer):
+      x, buffers = carry
+      outputs = block(x, not train, layer.get("rng"), layer.get("keep"))
+      buffers = {name: jnp.where(layer["index"] == index, outputs[output], buffers[name])
+                 for name, output, index in wanted}
+      return (outputs[0], buffers), None
+
+    scan = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True},
+                   length=self.depth)
+    block = block_class(self.remat, scanned=True)(self.num_heads, self.mlp_ratio, self.dtype,
+                                                  name=SCANNED_BLOCKS)
+    (x, buffers), _ = scan(block, (x, buffers), layers)
+    attn_logits = {k: buffers[f"attn_{k}"] for k in capture_layers if 1 <= k <= self.depth}
+    hidden = {k: buffers[f"hidden_{k}"] for k in capture_layers if k < self.depth}
+    return x, attn_logits, hidden, buffers.get("latent")

@@ -22,10 +22,12 @@ import ml_collections
 from mim_jax import flops, masking
 from mim_jax.convert import converted
 from mim_jax.errors import ConfigError, UserError
+from mim_jax.models import scan
 from mim_jax.models.mae import MaskedAutoencoder
 from mim_jax.models.vit import VARIANTS, VisionTransformer
 from mim_jax.objectives import distillation, reconstruction
-from mim_jax.tasks.pretrain import MaePretrainTask, autoencoder_params, normalize_images
+from mim_jax.tasks.pretrain import (MaePretrainTask, autoencoder_params, compute_dtype,
+                                    normalize_images)
 from mim_jax.trainer.tree import flatten_with_names, shape_problems
 
 LayerPairs = tuple[tuple[int, int], ...]
@@ -83,19 +85,22 @@ def distillation_loss_terms(model: MaskedAutoencoder, teacher: VisionTransformer
   """`loss = L_rec + attn_weight * sum(L_attn) + hidden_weight * sum(L_hidden)`.
 
   Args:
-    params: the student's {'encoder', 'decoder', 'distill'}.
-    teacher_params: the teacher encoder's params (never differentiated).
-    images: normalised (B, H, W, 3); noise: (B, L) masking noise shared by both models.
+    params: the student's {'encoder', 'decoder', 'distill'} (per-block layout).
+    teacher_params: the teacher encoder's params (per-block layout; never differentiated).
+    images: normalised float32 (B, H, W, 3); noise: (B, L) masking noise shared by both
+      models.
 
   Returns:
     (loss, terms) with 'loss_rec' and, when configured, 'loss_attn' and 'loss_hidden'
-    (each the sum over its layer pairs, as the reference adds them).
+    (each the sum over its layer pairs, as the reference adds them), all float32
+    whatever the compute dtypes of the student and the teacher.
   """
   mask = masking.mask_from_noise(noise, mask_ratio)
-  pred, student = model.apply({"params": autoencoder_params(params)}, images, mask.ids_keep,
-                              mask.ids_restore, capture_layers=spec.student_layers)
-  taught = teacher.apply({"params": teacher_params}, images, ids_keep=mask.ids_keep,
-                         capture_layers=spec.teacher_layers)
+  pred, student = model.apply({"params": scan.apply_layout(autoencoder_params(params), model)},
+                              images, mask.ids_keep, mask.ids_restore,
+                              capture_layers=spec.student_layers)
+  taught = teacher.apply({"params": scan.apply_layout(teacher_params, teacher)}, images,
+                         ids_keep=mask.ids_keep, capture_layers=spec.teacher_layers)
   taught = jax.lax.stop_gradient(taught)
   target = reconstruction.patchify(images, model.encoder.patch_size)
   terms = {"loss_rec": reconstruction.mae_loss(pred, target, mask.mask, norm_pix_loss)}
@@ -126,8 +131,9 @@ def teacher_encoder_params(source: converted.Converted) -> dict[str, Any]:
   return params
 
 
-def build_teacher(arch: dict[str, Any], dtype: Any) -> VisionTransformer:
-  return VisionTransformer(**converted.encoder_kwargs(arch), dtype=dtype)
+def build_teacher(arch: dict[str, Any], dtype: Any, scan_blocks: bool = False) -> VisionTransformer:
+  """The teacher encoder; never rematerialised (it runs forward only, under stop_gradient)."""
+  return VisionTransformer(**converted.encoder_kwargs(arch), dtype=dtype, scan_blocks=scan_blocks)
 
 
 def check_teacher(config: ml_collections.ConfigDict, arch: dict[str, Any],
@@ -172,7 +178,7 @@ def check_teacher_params(teacher: VisionTransformer, params: dict[str, Any], ima
                          origin: str) -> None:
   """Every leaf the teacher module needs, with its shape; nothing else."""
   images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
-  wanted = jax.eval_shape(teacher.init, jax.random.PRNGKey(0), images)["params"]
+  wanted = jax.eval_shape(scan.unscanned(teacher).init, jax.random.PRNGKey(0), images)["params"]
   wanted = {k: tuple(v.shape) for k, v in flatten_with_names(wanted).items()}
   found = {k: tuple(v.shape) for k, v in flatten_with_names(params).items()}
   problems = shape_problems(found, wanted)
@@ -199,6 +205,17 @@ def validate_distill_config(config: ml_collections.ConfigDict, depth: int) -> No
                       f"distill.attn_pairs entry distils it: {spec.attn_pairs}")
   if config.distill.attn_weight < 0 or config.distill.hidden_weight < 0:
     raise ConfigError("distill.attn_weight and distill.hidden_weight must be >= 0")
+  teacher_dtype(config)
+  if not isinstance(config.distill.get("teacher_scan_blocks", False), bool):
+    raise ConfigError(f"distill.teacher_scan_blocks={config.distill.teacher_scan_blocks!r} "
+                      f"must be True or False")
+
+
+def teacher_dtype(config: ml_collections.ConfigDict) -> Any:
+  """distill.teacher_dtype, or model.dtype when unset."""
+  if config.distill.get("teacher_dtype"):
+    return compute_dtype(config.distill.teacher_dtype, "distill.teacher_dtype")
+  return compute_dtype(config.model.dtype, "model.dtype")
 
 
 class DistillationTask(MaePretrainTask):
@@ -214,7 +231,6 @@ class DistillationTask(MaePretrainTask):
     super().__init__(config)
     validate_distill_config(config, self.model.encoder.depth)
     self.spec = DistillSpec.from_config(config.distill)
-    dtype = jnp.dtype(config.model.dtype)
     if random_teacher:
       if not config.distill.teacher_variant:
         raise ConfigError("without distill.teacher a random teacher is used, which needs "
@@ -234,7 +250,10 @@ class DistillationTask(MaePretrainTask):
       arch = self.source.arch
       origin = repr(config.distill.teacher)
     check_teacher(config, arch, self.model.encoder, self.spec, origin)
-    self.teacher = build_teacher(arch, dtype)
+    # Scanning the teacher is its own switch: XLA drops the work after the last
+    # distilled layer of an unrolled teacher, not of a scanned one.
+    self.teacher = build_teacher(arch, teacher_dtype(config),
+                                 config.distill.get("teacher_scan_blocks", False))
     if self.source is not None:
       check_teacher_params(self.teacher, teacher_encoder_params(self.source), config.image_size,
                            origin)
@@ -249,7 +268,8 @@ class DistillationTask(MaePretrainTask):
     """({'teacher': params}, {'teacher': {'path', 'sha256'}}) — the hash goes in checkpoints."""
     if self.source is None:
       images = jnp.zeros((1, self.config.image_size, self.config.image_size, 3), jnp.float32)
-      params = self.teacher.init(jax.random.PRNGKey(self.config.seed), images)["params"]
+      params = scan.unscanned(self.teacher).init(jax.random.PRNGKey(self.config.seed),
+                                                 images)["params"]
       return {"teacher": params}, {"teacher": {"path": "random",
                                                "sha256": converted.content_hash(params)}}
     return ({"teacher": teacher_encoder_params(self.source)},

@@ -16,9 +16,10 @@ import ml_collections
 
 from mim_jax.convert import converted, pretrained
 from mim_jax.errors import ConfigError
+from mim_jax.models import scan
 from mim_jax.models.vit import VARIANTS, VisionTransformer, encoder_kwargs
 from mim_jax.objectives import classification
-from mim_jax.tasks.pretrain import normalize_images
+from mim_jax.tasks.pretrain import compute_dtype, normalize_images, validate_memory_options
 from mim_jax.trainer import optim
 
 
@@ -27,7 +28,8 @@ def build_classifier(config: ml_collections.ConfigDict) -> VisionTransformer:
   return VisionTransformer(
       patch_size=model.patch_size, mlp_ratio=model.mlp_ratio, posemb="learn", pool=model.pool,
       num_classes=config.num_classes, drop_path_rate=model.drop_path_rate,
-      dtype=jnp.dtype(model.dtype),
+      dtype=compute_dtype(model.dtype, "model.dtype"), remat=model.get("remat", "none"),
+      scan_blocks=model.get("scan_blocks", False),
       **encoder_kwargs(model.variant or None, width=model.width, depth=model.depth,
                        num_heads=model.num_heads))
 
@@ -42,6 +44,7 @@ def mixup_config(config: ml_collections.ConfigDict) -> classification.MixupConfi
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
   model = config.model
+  validate_memory_options(model)
   if model.variant and model.variant not in VARIANTS:
     raise ConfigError(f"model.variant={model.variant!r} is unknown; choose from {sorted(VARIANTS)}")
   if config.image_size % model.patch_size:
@@ -82,8 +85,9 @@ class FinetuneTask:
                                    self.source, keep_blocks=config.init_keep_blocks)
 
   def init_params(self, rng: jax.Array) -> Any:
+    """Per-block layout (`blocks_{i}`), scanned model or not."""
     images = jnp.zeros((1, self.config.image_size, self.config.image_size, 3), jnp.float32)
-    return self.model.init(rng, images)["params"]
+    return scan.unscanned(self.model).init(rng, images)["params"]
 
   def merge_pretrained(self, fresh: Any) -> Any:
     """The fresh params with the pre-trained weights put in (host arrays); logs the report."""
@@ -117,7 +121,8 @@ class FinetuneTask:
     images = normalize_images(batch["image"])
     images, targets, _ = classification.mixup_cutmix(mix_rng, images, batch["label"],
                                                      self.mixup)
-    out = self.model.apply({"params": params}, images, train=True, rngs={"dropout": drop_rng})
+    out = self.model.apply({"params": scan.apply_layout(params, self.model)}, images, train=True,
+                           rngs={"dropout": drop_rng})
     loss = classification.soft_cross_entropy(out["logits"], targets)
     return loss, {"loss_ce": loss}
 
@@ -125,5 +130,6 @@ class FinetuneTask:
                    batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
     """Sums over the real examples of the batch: count, top-1/top-5 hits, cross entropy."""
     del frozen
-    logits = self.model.apply({"params": params}, normalize_images(batch["image"]))["logits"]
+    logits = self.model.apply({"params": scan.apply_layout(params, self.model)},
+                              normalize_images(batch["image"]))["logits"]
     return classification.eval_sums(logits, batch["label"], batch["mask"])

@@ -27,9 +27,10 @@ from absl import logging
 
 from mim_jax.convert import converted, pretrained
 from mim_jax.errors import ConfigError
+from mim_jax.models import scan
 from mim_jax.models.vit import VARIANTS, VisionTransformer, encoder_kwargs
 from mim_jax.objectives import classification
-from mim_jax.tasks.pretrain import normalize_images
+from mim_jax.tasks.pretrain import compute_dtype, normalize_images, validate_memory_options
 
 BATCHNORM_EPS = 1e-6
 BATCHNORM_MOMENTUM = 0.1  # torch's: running = (1 - m) * running + m * batch statistic
@@ -62,13 +63,18 @@ def build_encoder(config: ml_collections.ConfigDict) -> VisionTransformer:
   model = config.model
   return VisionTransformer(
       patch_size=model.patch_size, mlp_ratio=model.mlp_ratio, posemb="learn", pool=model.pool,
-      num_classes=0, dtype=jnp.dtype(model.dtype),
+      num_classes=0, dtype=compute_dtype(model.dtype, "model.dtype"),
+      scan_blocks=model.get("scan_blocks", False),
       **encoder_kwargs(model.variant or None, width=model.width, depth=model.depth,
                        num_heads=model.num_heads))
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
   model = config.model
+  validate_memory_options(model)
+  if model.get("remat", "none") != "none":
+    raise ConfigError(f"model.remat={model.remat!r}: the probed encoder is frozen (no "
+                      f"backward pass), so there is nothing to rematerialise")
   if model.variant and model.variant not in VARIANTS:
     raise ConfigError(f"model.variant={model.variant!r} is unknown; choose from {sorted(VARIANTS)}")
   if config.image_size % model.patch_size:
@@ -97,8 +103,8 @@ class LinearProbeTask:
 
   def _encoder_params(self) -> Any:
     images = jnp.zeros((1, self.config.image_size, self.config.image_size, 3), jnp.float32)
-    fresh = jax.device_get(self.encoder.init(jax.random.PRNGKey(self.config.seed),
-                                             images)["params"])
+    fresh = jax.device_get(scan.unscanned(self.encoder).init(
+        jax.random.PRNGKey(self.config.seed), images)["params"])
     if self.source is None:
       logging.warning("Linear probe of a randomly initialised encoder (seed %d): config.init "
                       "is empty", self.config.seed)
@@ -125,7 +131,8 @@ class LinearProbeTask:
 
   def features(self, encoder_params: Any, images: jax.Array) -> jax.Array:
     """(B, d) pooled features of uint8 images; no gradient flows into the encoder."""
-    tokens = self.encoder.apply({"params": jax.lax.stop_gradient(encoder_params)},
+    params = scan.apply_layout(jax.lax.stop_gradient(encoder_params), self.encoder)
+    tokens = self.encoder.apply({"params": params},
                                 normalize_images(images))["tokens"].astype(jnp.float32)
     if self.config.model.pool == "cls":
       return tokens[:, 0]

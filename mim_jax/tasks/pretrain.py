@@ -3,6 +3,9 @@
 `mae_loss_terms` is the public entry point for checking numbers against the
 PyTorch reference: given params, normalised images and the masking noise it
 returns exactly the loss the training step minimises.
+
+Params passed to and returned by everything here are in the per-block layout
+(`blocks_{i}`) whether or not the model scans its blocks (`models.scan`).
 """
 
 from typing import Any
@@ -14,6 +17,7 @@ import numpy as np
 
 from mim_jax import flops, masking
 from mim_jax.errors import ConfigError
+from mim_jax.models import scan, vit
 from mim_jax.models.mae import MAEDecoder, MaskedAutoencoder
 from mim_jax.models.vit import VARIANTS, VisionTransformer, encoder_kwargs
 from mim_jax.objectives import reconstruction
@@ -32,9 +36,38 @@ def denormalize_images(images: jax.Array) -> jax.Array:
   return jnp.clip(images * IMAGENET_STD + IMAGENET_MEAN, 0.0, 1.0)
 
 
+def compute_dtype(name: str | None, key: str) -> Any:
+  """A config's compute dtype ('float32' | 'bfloat16') as a jnp dtype; errors name `key`."""
+  try:
+    return vit.compute_dtype(name)
+  except ValueError:
+    raise ConfigError(f"{key}={name!r} is not a compute dtype; choose from "
+                      f"{vit.COMPUTE_DTYPES} (params stay float32 either way)") from None
+
+
+def decoder_dtype(model: ml_collections.ConfigDict) -> Any:
+  """model.decoder.dtype, or model.dtype when unset."""
+  if model.decoder.get("dtype"):
+    return compute_dtype(model.decoder.dtype, "model.decoder.dtype")
+  return compute_dtype(model.dtype, "model.dtype")
+
+
+def validate_memory_options(model: ml_collections.ConfigDict) -> None:
+  """model.dtype, model.remat (if the config has it) and model.scan_blocks."""
+  compute_dtype(model.dtype, "model.dtype")
+  remat = model.get("remat", "none")
+  if remat not in vit.REMAT_POLICIES:
+    raise ConfigError(f"model.remat={remat!r} is unknown; choose from "
+                      f"{sorted(vit.REMAT_POLICIES)}")
+  if not isinstance(model.get("scan_blocks", False), bool):
+    raise ConfigError(f"model.scan_blocks={model.scan_blocks!r} must be True or False")
+
+
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Rejects values that cannot work, before anything is built or written."""
   model = config.model
+  validate_memory_options(model)
+  decoder_dtype(model)
   if model.variant and model.variant not in VARIANTS:
     raise ConfigError(f"model.variant={model.variant!r} is unknown; choose from "
                       f"{sorted(VARIANTS)} (or set model.width/depth/num_heads)")
@@ -82,16 +115,19 @@ def _reject_distillation_settings(config: ml_collections.ConfigDict, depth: int)
 
 
 def build_mae(model_config: ml_collections.ConfigDict) -> MaskedAutoencoder:
-  dtype = jnp.dtype(model_config.dtype)
+  remat = model_config.get("remat", "none")
   encoder = VisionTransformer(
-      patch_size=model_config.patch_size, mlp_ratio=model_config.mlp_ratio, dtype=dtype,
+      patch_size=model_config.patch_size, mlp_ratio=model_config.mlp_ratio,
+      dtype=compute_dtype(model_config.dtype, "model.dtype"), remat=remat,
+      scan_blocks=model_config.get("scan_blocks", False),
       extra_attention_block=model_config.extra_attention_block,
       **encoder_kwargs(model_config.variant, width=model_config.width,
                        depth=model_config.depth, num_heads=model_config.num_heads))
   decoder = MAEDecoder(patch_size=model_config.patch_size, width=model_config.decoder.width,
                        depth=model_config.decoder.depth,
                        num_heads=model_config.decoder.num_heads,
-                       mlp_ratio=model_config.mlp_ratio, dtype=dtype)
+                       mlp_ratio=model_config.mlp_ratio, dtype=decoder_dtype(model_config),
+                       remat=remat)
   return MaskedAutoencoder(encoder=encoder, decoder=decoder,
                            decoder_layer=model_config.decoder_layer)
 
@@ -107,11 +143,12 @@ def mae_loss_terms(model: MaskedAutoencoder, params: Any, images: jax.Array,
   """MAE loss for normalised `images` (B, H, W, 3) and masking `noise` (B, L).
 
   Returns (loss, outputs) with outputs 'pred' (B, L, p*p*3), 'mask' (B, L) and
-  'target' (the patchified images, before norm-pix).
+  'target' (the patchified images, before norm-pix). `images` stay float32 for the
+  target (the model casts its own copy to its compute dtype); the loss is float32.
   """
   mask = masking.mask_from_noise(noise, mask_ratio)
-  pred, _ = model.apply({"params": autoencoder_params(params)}, images, mask.ids_keep,
-                        mask.ids_restore)
+  variables = {"params": scan.apply_layout(autoencoder_params(params), model)}
+  pred, _ = model.apply(variables, images, mask.ids_keep, mask.ids_restore)
   target = reconstruction.patchify(images, model.encoder.patch_size)
   loss = reconstruction.mae_loss(pred, target, mask.mask, norm_pix_loss)
   return loss, {"pred": pred, "mask": mask.mask, "target": target}
@@ -130,9 +167,11 @@ class MaePretrainTask:
     self.num_patches = (config.image_size // self.patch_size)**2
 
   def init_params(self, rng: jax.Array) -> Any:
+    """Per-block layout, the same weights for a seed whether or not the blocks are scanned."""
     images = jnp.zeros((1, self.config.image_size, self.config.image_size, 3), jnp.float32)
     mask = masking.mask_from_noise(jnp.zeros((1, self.num_patches)), self.config.mask_ratio)
-    return self.model.init(rng, images, mask.ids_keep, mask.ids_restore)["params"]
+    return scan.unscanned(self.model).init(rng, images, mask.ids_keep,
+                                           mask.ids_restore)["params"]
 
   def train_flops_per_image(self) -> float:
     """Analytic matmul FLOPs of one training example (forward + backward)."""
