@@ -175,8 +175,8 @@ def finetune_config() -> ml_collections.ConfigDict:
   return config
 
 
-def finetune_demo_overrides(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """A fine-tuning recipe shrunk to scikit-learn's digits (shipped offline) on a laptop CPU."""
+def digits_overrides(config: ml_collections.ConfigDict) -> None:
+  """A classification recipe's data and model input on scikit-learn's digits (32 px, patch 8)."""
   config.data.kind = "digits"
   config.data.name = "mim_jax_digits"
   config.data.digits_size = 32
@@ -186,6 +186,11 @@ def finetune_demo_overrides(config: ml_collections.ConfigDict) -> ml_collections
   config.image_size = 32
   config.num_classes = 10
   config.model.patch_size = 8
+
+
+def finetune_demo_overrides(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A fine-tuning recipe shrunk to scikit-learn's digits (shipped offline) on a laptop CPU."""
+  digits_overrides(config)
   config.batch_size = 64
   config.eval_batch_size = 64
   laptop_schedule(config)
@@ -222,15 +227,7 @@ def linear_probe_config() -> ml_collections.ConfigDict:
 
 def linear_probe_demo_overrides(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """The linear probe on scikit-learn's digits, as the fine-tuning demo."""
-  config.data.kind = "digits"
-  config.data.name = "mim_jax_digits"
-  config.data.digits_size = 32
-  config.data.eval_split = "validation"
-  config.data.crop_scale = (0.5, 1.0)
-  config.data.flip = False
-  config.image_size = 32
-  config.num_classes = 10
-  config.model.patch_size = 8
+  digits_overrides(config)
   config.batch_size = 256
   config.eval_batch_size = 128
   laptop_schedule(config)

@@ -16,6 +16,8 @@ import numpy as np
 from matplotlib import patches
 from matplotlib.figure import Figure
 
+from mim_jax.trainer import figures
+
 COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown")
 
 
@@ -134,18 +136,5 @@ def plot_attention_maps(image: np.ndarray, maps: np.ndarray, *, query_token: int
 def plot_reconstructions(views: Mapping[str, np.ndarray], *, path: str | None = None,
                          title: str = "") -> Figure:
   """Rows = images, columns = views (e.g. original / masked / reconstruction) in [0, 1]."""
-  names = list(views)
-  rows = len(views[names[0]])
-  fig = Figure(figsize=(2.0 * len(names), 2.0 * rows + (0.4 if title else 0.0)),
-               layout="constrained")
-  axes = fig.subplots(rows, len(names), squeeze=False)
-  for r in range(rows):
-    for c, name in enumerate(names):
-      axes[r, c].imshow(np.clip(np.asarray(views[name][r], np.float32), 0.0, 1.0))
-      axes[r, c].set_xticks([])
-      axes[r, c].set_yticks([])
-      if r == 0:
-        axes[r, c].set_title(name)
-  if title:
-    fig.suptitle(title)
+  fig = figures.image_grid(views, title)
   return _save(fig, path)

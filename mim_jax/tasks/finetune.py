@@ -42,7 +42,8 @@ def mixup_config(config: ml_collections.ConfigDict) -> classification.MixupConfi
       label_smoothing=mix.label_smoothing)
 
 
-def validate_config(config: ml_collections.ConfigDict) -> None:
+def validate_classifier(config: ml_collections.ConfigDict) -> None:
+  """The checks every classification task (fine-tuning, linear probe) shares."""
   model = config.model
   validate_memory_options(model)
   if model.variant and model.variant not in VARIANTS:
@@ -51,9 +52,14 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"image_size={config.image_size} is not divisible by "
                       f"model.patch_size={model.patch_size}")
   if model.pool not in ("gap", "cls"):
-    raise ConfigError(f"model.pool={model.pool!r}: use 'gap' (+ fc_norm) or 'cls'")
+    raise ConfigError(f"model.pool={model.pool!r}: use 'gap' (mean patch token) or 'cls'")
   if not isinstance(config.num_classes, int) or config.num_classes < 1:
     raise ConfigError(f"num_classes={config.num_classes!r} must be a positive integer")
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  validate_classifier(config)
+  model = config.model
   if not 0.0 <= model.drop_path_rate < 1.0:
     raise ConfigError(f"model.drop_path_rate={model.drop_path_rate} must be in [0, 1)")
   depth = encoder_kwargs(model.variant or None, depth=model.depth).get("depth")

@@ -28,9 +28,10 @@ from absl import logging
 from mim_jax.convert import converted, pretrained
 from mim_jax.errors import ConfigError
 from mim_jax.models import scan
-from mim_jax.models.vit import VARIANTS, VisionTransformer, encoder_kwargs
+from mim_jax.models.vit import VisionTransformer, encoder_kwargs
 from mim_jax.objectives import classification
-from mim_jax.tasks.pretrain import compute_dtype, normalize_images, validate_memory_options
+from mim_jax.tasks.finetune import validate_classifier
+from mim_jax.tasks.pretrain import compute_dtype, normalize_images
 
 BATCHNORM_EPS = 1e-6
 BATCHNORM_MOMENTUM = 0.1  # torch's: running = (1 - m) * running + m * batch statistic
@@ -71,19 +72,10 @@ def build_encoder(config: ml_collections.ConfigDict) -> VisionTransformer:
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
   model = config.model
-  validate_memory_options(model)
   if model.get("remat", "none") != "none":
     raise ConfigError(f"model.remat={model.remat!r}: the probed encoder is frozen (no "
                       f"backward pass), so there is nothing to rematerialise")
-  if model.variant and model.variant not in VARIANTS:
-    raise ConfigError(f"model.variant={model.variant!r} is unknown; choose from {sorted(VARIANTS)}")
-  if config.image_size % model.patch_size:
-    raise ConfigError(f"image_size={config.image_size} is not divisible by "
-                      f"model.patch_size={model.patch_size}")
-  if model.pool not in ("gap", "cls"):
-    raise ConfigError(f"model.pool={model.pool!r}: use 'cls' (MAE's probe) or 'gap'")
-  if not isinstance(config.num_classes, int) or config.num_classes < 1:
-    raise ConfigError(f"num_classes={config.num_classes!r} must be a positive integer")
+  validate_classifier(config)
 
 
 class LinearProbeTask:

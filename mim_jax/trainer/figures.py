@@ -1,22 +1,23 @@
 """PNG grids of images (rows = examples, columns = named views)."""
 
 import os
+from collections.abc import Mapping
 
 import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
 
-def save_image_grid(columns: dict[str, np.ndarray], path: str, title: str = "") -> str:
-  """columns: name -> (B, H, W, 3) floats in [0, 1]; writes a B x len(columns) PNG.
+def image_grid(columns: Mapping[str, np.ndarray], title: str = "") -> Figure:
+  """columns: name -> (B, H, W, 3) floats in [0, 1]; a B x len(columns) grid of images.
 
   Built with matplotlib's object API, not pyplot: no global backend switch, so the
   inline plots of a notebook that trains keep working.
   """
-  from matplotlib.backends.backend_agg import FigureCanvasAgg
-  from matplotlib.figure import Figure
-
   names = list(columns)
   rows = len(columns[names[0]])
-  fig = Figure(figsize=(2.0 * len(names), 2.0 * rows))
+  fig = Figure(figsize=(2.0 * len(names), 2.0 * rows + (0.4 if title else 0.0)),
+               layout="constrained")
   FigureCanvasAgg(fig)
   axes = fig.subplots(rows, len(names), squeeze=False)
   for r in range(rows):
@@ -28,7 +29,11 @@ def save_image_grid(columns: dict[str, np.ndarray], path: str, title: str = "") 
         axes[r, c].set_title(name)
   if title:
     fig.suptitle(title)
-  fig.tight_layout()
+  return fig
+
+
+def save_image_grid(columns: Mapping[str, np.ndarray], path: str, title: str = "") -> str:
+  """Writes `image_grid(columns, title)` as a PNG; returns the path."""
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  fig.savefig(path, dpi=80)
+  image_grid(columns, title).savefig(path, dpi=80)
   return path
