@@ -82,9 +82,28 @@ def compute_dtype(name: str) -> Any:
   return jnp.dtype(name)
 
 
-def layer_norm(name: str, dtype: Any = jnp.float32) -> nn.LayerNorm:
-  return nn.LayerNorm(epsilon=1e-6, dtype=dtype, param_dtype=PARAM_DTYPE,
-                      use_fast_variance=False, force_float32_reductions=True, name=name)
+class LayerNorm(nn.Module):
+  """PyTorch's LayerNorm (two-pass variance, statistics in float32), flax's param names.
+
+  Written out rather than `nn.LayerNorm(use_fast_variance=False)`: that flag made
+  the ViT-Tiny MAE step 1.7x slower on CPU (XLA), this is as fast as the fast one.
+  """
+  epsilon: float = 1e-6
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    width = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (width,), PARAM_DTYPE)
+    bias = self.param("bias", nn.initializers.zeros, (width,), PARAM_DTYPE)
+    x = x.astype(jnp.float32)
+    centred = x - x.mean(axis=-1, keepdims=True)
+    var = jnp.mean(centred * centred, axis=-1, keepdims=True)
+    return (centred * jax.lax.rsqrt(var + self.epsilon) * scale + bias).astype(self.dtype)
+
+
+def layer_norm(name: str, dtype: Any = jnp.float32) -> LayerNorm:
+  return LayerNorm(epsilon=1e-6, dtype=dtype, name=name)
 
 
 def dense(features: int, dtype: Any, name: str) -> nn.Dense:
