@@ -136,8 +136,8 @@ class LinearProbeTask:
   def train_flops_per_image(self) -> float:
     from mim_jax import flops  # pylint: disable=g-import-not-at-top
     enc = self.encoder
-    forward = flops.vit_encoder_flops(self.num_patches, self.num_patches, enc.patch_size, enc.width, enc.depth,
-                                      enc.mlp_ratio)
+    forward = flops.vit_encoder_flops(self.num_patches, self.num_patches, enc.patch_size,
+                                      enc.width, enc.depth, enc.mlp_ratio)
     return forward + 3 * 2 * enc.width * self.config.num_classes
 
   def loss_fn(self, params: Any, frozen: dict[str, Any], batch: dict[str, jax.Array],
