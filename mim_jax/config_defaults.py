@@ -33,6 +33,10 @@ def base_config() -> ml_collections.ConfigDict:
       dtype="float32",  # compute dtype: float32 | bfloat16 (TPU/GPU); params stay float32
       remat="none",  # none | block | block_dots: recompute block activations in backward
       scan_blocks=False,  # nn.scan over the blocks (checkpoints keep blocks_{i} either way)
+      # explicit | xla | cudnn: attention of blocks whose logits nobody reads (the
+      # decoder, the teacher below its distilled layer, undistilled student blocks);
+      # cudnn = cuDNN flash attention (GPU, bfloat16)
+      attention_impl="explicit",
       decoder=dict(width=96, depth=1, num_heads=3,
                    dtype=config_dict.placeholder(str)),  # None = model.dtype
       decoder_layer=config_dict.placeholder(int),  # decoder reads this block; None = last
@@ -144,6 +148,10 @@ def finetune_config() -> ml_collections.ConfigDict:
       mlp_ratio=4.0, dtype="float32",  # compute dtype: float32 | bfloat16; params float32
       remat="none",  # none | block | block_dots
       scan_blocks=False,  # nn.scan over the blocks (checkpoints keep blocks_{i} either way)
+      # explicit | xla | cudnn: attention of blocks whose logits nobody reads (the
+      # decoder, the teacher below its distilled layer, undistilled student blocks);
+      # cudnn = cuDNN flash attention (GPU, bfloat16)
+      attention_impl="explicit",
       pool="gap",  # global average pooling of patch tokens + fc_norm; 'cls' = cls token
       drop_path_rate=0.0,
   ))

@@ -270,6 +270,45 @@ def test_d2mae_train_step_with_scan_and_remat_equals_the_unrolled_step(teacher_p
 
 
 # ----------------------------------------------------------------------------
+# Fused attention where nobody reads the logits
+# ----------------------------------------------------------------------------
+def test_fused_attention_runs_only_where_logits_are_unread_and_changes_nothing(
+    teacher_path, monkeypatch):
+  config = tiny_distill_config(teacher_path)
+  config.model.depth = 3
+  config.distill.attn_pairs = ((4, 3),)  # the student's extra block <- teacher block 3
+  config.model.decoder_layer = 2
+  explicit = build_task(config)
+  config = config.copy_and_resolve_references()
+  config.model.attention_impl = "xla"
+  fused = build_task(config)
+
+  fused_calls = []
+  dot_product_attention = jax.nn.dot_product_attention
+  def spy(query, *args, **kwargs):
+    fused_calls.append(query.shape)
+    return dot_product_attention(query, *args, **kwargs)
+  monkeypatch.setattr(jax.nn, "dot_product_attention", spy)
+
+  tx, schedule = optax.sgd(0.5), optax.constant_schedule(0.5)
+  params = random_params(explicit.init_params)
+  state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
+           "rng": jax.random.PRNGKey(3)}
+  frozen, _ = explicit.load_frozen()
+  batch = batch_of(explicit)
+  (new, metrics), (new_fused, metrics_fused) = [
+      run_jitted(loop.make_train_step(task.loss_fn, tx, schedule), state, frozen, batch)
+      for task in (explicit, fused)]
+  # Traced once: student blocks 1-3 (only the extra block 4 is distilled), teacher
+  # blocks 1-2 (block 3 is distilled), the decoder's block (1 + 16 tokens).
+  kept_tokens = 1 + 4  # cls + 25% of the 4x4 patches
+  assert sorted(shape[1] for shape in fused_calls) == [kept_tokens] * 5 + [17]
+  assert metrics["loss_attn"] > 0
+  assert_trees_close(metrics_fused, metrics, **SCAN_TOL)
+  assert_trees_close(new_fused["params"], new["params"], **SCAN_TOL)
+
+
+# ----------------------------------------------------------------------------
 # Bad settings
 # ----------------------------------------------------------------------------
 @pytest.mark.parametrize("key, value, message", [
@@ -277,6 +316,9 @@ def test_d2mae_train_step_with_scan_and_remat_equals_the_unrolled_step(teacher_p
     ("model.remat", "full", "model.remat='full' is unknown"),
     ("model.decoder.dtype", "int8", "model.decoder.dtype='int8'"),
     ("model.scan_blocks", 1, "model.scan_blocks=1 must be True or False"),
+    ("model.attention_impl", "flash", "model.attention_impl='flash' is unknown"),
+    pytest.param("model.attention_impl", "cudnn", "'cudnn' needs a GPU, but JAX runs on 'cpu'",
+                 marks=pytest.mark.skipif(jax.default_backend() != "cpu", reason="CPU message")),
 ])
 def test_bad_precision_and_memory_settings_are_config_errors(key, value, message):
   config = tiny_config()

@@ -29,6 +29,7 @@ class MAEDecoder(nn.Module):
   mlp_ratio: float = 4.0
   dtype: Any = jnp.float32
   remat: str = "none"
+  attention_impl: str = "explicit"  # nobody reads the decoder's attention logits
 
   @nn.compact
   def __call__(self, latent: jax.Array, ids_restore: jax.Array) -> jax.Array:
@@ -47,7 +48,8 @@ class MAEDecoder(nn.Module):
     x = x + jnp.asarray(posembed.sincos_2d(self.width, grid, cls_token=True), x.dtype)[None]
     block = block_class(self.remat)
     for i in range(self.depth):
-      x, _, _ = block(self.num_heads, self.mlp_ratio, self.dtype, name=f"blocks_{i}")(x, True)
+      x, _, _ = block(self.num_heads, self.mlp_ratio, self.dtype,
+                      attention_impl=self.attention_impl, name=f"blocks_{i}")(x, True)
     x = layer_norm("norm", self.dtype)(x)
     x = dense(self.patch_size**2 * 3, self.dtype, "pred")(x)
     return x[:, 1:]

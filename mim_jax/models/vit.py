@@ -55,6 +55,11 @@ REMAT_POLICIES = {
     "block_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 SCANNED_BLOCKS = "scanned_blocks"
+# How a block whose attention logits nobody reads computes attention (a captured
+# block always uses "explicit": its logits are an output). "xla" and "cudnn" call
+# `jax.nn.dot_product_attention`, which never materialises the logits for the caller
+# and, with "cudnn" (GPU, bfloat16), runs cuDNN's fused flash-attention kernel.
+ATTENTION_IMPLS = ("explicit", "xla", "cudnn")
 
 # MAE init: xavier-uniform linear layers with zero bias; the patch projection is
 # xavier-uniform on its (width, 3*p*p) view, i.e. fan_out = width (not width*p*p).
@@ -102,6 +107,11 @@ class LayerNorm(nn.Module):
     return (centred * jax.lax.rsqrt(var + self.epsilon) * scale + bias).astype(self.dtype)
 
 
+def check_attention_impl(name: str) -> None:
+  if name not in ATTENTION_IMPLS:
+    raise ValueError(f"attention_impl={name!r} is unknown; choose from {ATTENTION_IMPLS}")
+
+
 def layer_norm(name: str, dtype: Any = jnp.float32) -> LayerNorm:
   return LayerNorm(epsilon=1e-6, dtype=dtype, name=name)
 
@@ -115,11 +125,14 @@ class Attention(nn.Module):
   """Multi-head self-attention with a fused qkv projection; also returns the logits.
 
   The logits are float32 whatever `dtype` is. With `logits_only` it stops after the
-  scaled q k^T (D²-MAE's extra block has no output projection).
+  scaled q k^T (D²-MAE's extra block has no output projection). With `impl` other
+  than "explicit" (`ATTENTION_IMPLS`) the softmax(q k^T / sqrt(d)) v product is
+  `jax.nn.dot_product_attention` and the returned logits are None.
   """
   num_heads: int
   dtype: Any = jnp.float32
   logits_only: bool = False
+  impl: str = "explicit"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> tuple[jax.Array | None, jax.Array]:
@@ -130,6 +143,9 @@ class Attention(nn.Module):
     qkv = dense(3 * width, self.dtype, "qkv")(x)
     qkv = qkv.reshape(batch, tokens, 3, self.num_heads, head_dim)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    if self.impl != "explicit" and not self.logits_only:
+      out = jax.nn.dot_product_attention(q, k, v, implementation=self.impl)
+      return dense(width, self.dtype, "proj")(out.reshape(batch, tokens, width)), None
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
     logits = logits * jnp.float32(head_dim**-0.5)
     if self.logits_only:
@@ -178,6 +194,8 @@ class DropPath(nn.Module):
 class Block(nn.Module):
   """Pre-norm transformer block. Returns (output, attention logits, LN1(input)).
 
+  The logits are None when `attention_impl` is not "explicit" (see `Attention`).
+
   `rng` (optional) is the block's stochastic-depth key (split between its two
   branches); `keep` (optional, traced) overrides `drop_path` with a keep
   probability, for the scan over blocks where the rate differs per block.
@@ -187,13 +205,14 @@ class Block(nn.Module):
   dtype: Any = jnp.float32
   attention_only: bool = False
   drop_path: float = 0.0
+  attention_impl: str = "explicit"
 
   @nn.compact
   def __call__(self, x: jax.Array, deterministic: bool = True, rng: jax.Array | None = None,
                keep: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
     normed = layer_norm("norm1", self.dtype)(x)
     attn_out, logits = Attention(self.num_heads, self.dtype, self.attention_only,
-                                 name="attn")(normed)
+                                 self.attention_impl, name="attn")(normed)
     if self.attention_only:
       return x, logits, normed
     rngs = (None, None) if rng is None else tuple(jax.random.split(rng))
@@ -253,6 +272,8 @@ class VisionTransformer(nn.Module):
     scan_blocks: blocks 1..depth as one `nn.scan`; params under `SCANNED_BLOCKS`,
       stacked (`mim_jax.models.scan` converts from and to `blocks_{i}`). The extra
       attention block stays outside the scan. Same outputs as unscanned.
+    attention_impl: `ATTENTION_IMPLS`: attention of the blocks whose logits are not
+      captured (under scan: of all blocks, unless some block's logits are captured).
   """
   patch_size: int = 16
   width: int = 192
@@ -267,6 +288,7 @@ class VisionTransformer(nn.Module):
   dtype: Any = jnp.float32
   remat: str = "none"
   scan_blocks: bool = False
+  attention_impl: str = "explicit"
 
   def grid_size(self, image_size: int) -> int:
     if image_size % self.patch_size:
@@ -323,6 +345,7 @@ class VisionTransformer(nn.Module):
       raise ValueError("latent_layer needs the final norm, which pool='gap' models lack")
     if self.pool not in ("cls", "gap"):
       raise ValueError(f"unknown pool {self.pool!r}; use 'cls' or 'gap'")
+    check_attention_impl(self.attention_impl)
     grid = self.grid_size(height)
 
     x = PatchEmbed(self.patch_size, self.width, self.dtype, name="patch_embed")(images)
@@ -371,8 +394,10 @@ class VisionTransformer(nn.Module):
     block = block_class(self.remat)
     for i, rate in enumerate(self.drop_rates()):
       rng = None if drop_key is None else jax.random.fold_in(drop_key, i)
+      impl = "explicit" if i + 1 in capture_layers else self.attention_impl
       x, logits, normed_input = block(self.num_heads, self.mlp_ratio, self.dtype,
-                                      drop_path=rate, name=f"blocks_{i}")(x, not train, rng)
+                                      drop_path=rate, attention_impl=impl,
+                                      name=f"blocks_{i}")(x, not train, rng)
       if i in capture_layers:  # block i+1 normalises block i's output (layer 0: embeddings)
         hidden[i] = normed_input
       if i + 1 in capture_layers:
@@ -410,8 +435,10 @@ class VisionTransformer(nn.Module):
 
     scan = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True},
                    length=self.depth)
-    block = block_class(self.remat, scanned=True)(self.num_heads, self.mlp_ratio, self.dtype,
-                                                  name=SCANNED_BLOCKS)
+    captures_logits = any(1 <= k <= self.depth for k in capture_layers)
+    block = block_class(self.remat, scanned=True)(
+        self.num_heads, self.mlp_ratio, self.dtype, name=SCANNED_BLOCKS,
+        attention_impl="explicit" if captures_logits else self.attention_impl)
     (x, buffers), _ = scan(block, (x, buffers), layers)
     attn_logits = {k: buffers[f"attn_{k}"] for k in capture_layers if 1 <= k <= self.depth}
     hidden = {k: buffers[f"hidden_{k}"] for k in capture_layers if k < self.depth}

@@ -26,8 +26,8 @@ from mim_jax.models import scan
 from mim_jax.models.mae import MaskedAutoencoder
 from mim_jax.models.vit import VARIANTS, VisionTransformer
 from mim_jax.objectives import distillation, reconstruction
-from mim_jax.tasks.pretrain import (MaePretrainTask, autoencoder_params, compute_dtype,
-                                    normalize_images)
+from mim_jax.tasks.pretrain import (MaePretrainTask, attention_impl, autoencoder_params,
+                                    check_attention_dtype, compute_dtype, normalize_images)
 from mim_jax.trainer.tree import flatten_with_names, shape_problems
 
 LayerPairs = tuple[tuple[int, int], ...]
@@ -78,6 +78,14 @@ def init_mappings(rng: jax.Array, spec: DistillSpec, student: VisionTransformer,
           for key, (name, shape) in zip(keys, sorted(shapes.items()))}
 
 
+def teacher_forward(teacher: VisionTransformer, teacher_params: Any, images: jax.Array,
+                    ids_keep: jax.Array, spec: DistillSpec) -> dict[str, Any]:
+  """The frozen teacher on the student's kept patches, with the layers `spec` distils."""
+  taught = teacher.apply({"params": scan.apply_layout(teacher_params, teacher)}, images,
+                         ids_keep=ids_keep, capture_layers=spec.teacher_layers)
+  return jax.lax.stop_gradient(taught)
+
+
 def distillation_loss_terms(model: MaskedAutoencoder, teacher: VisionTransformer,
                             params: dict[str, Any], teacher_params: Any, images: jax.Array,
                             noise: jax.Array, spec: DistillSpec, *, mask_ratio: float = 0.75,
@@ -99,9 +107,7 @@ def distillation_loss_terms(model: MaskedAutoencoder, teacher: VisionTransformer
   pred, student = model.apply({"params": scan.apply_layout(autoencoder_params(params), model)},
                               images, mask.ids_keep, mask.ids_restore,
                               capture_layers=spec.student_layers)
-  taught = teacher.apply({"params": scan.apply_layout(teacher_params, teacher)}, images,
-                         ids_keep=mask.ids_keep, capture_layers=spec.teacher_layers)
-  taught = jax.lax.stop_gradient(taught)
+  taught = teacher_forward(teacher, teacher_params, images, mask.ids_keep, spec)
   target = reconstruction.patchify(images, model.encoder.patch_size)
   terms = {"loss_rec": reconstruction.mae_loss(pred, target, mask.mask, norm_pix_loss)}
   loss = terms["loss_rec"]
@@ -131,9 +137,14 @@ def teacher_encoder_params(source: converted.Converted) -> dict[str, Any]:
   return params
 
 
-def build_teacher(arch: dict[str, Any], dtype: Any, scan_blocks: bool = False) -> VisionTransformer:
-  """The teacher encoder; never rematerialised (it runs forward only, under stop_gradient)."""
-  return VisionTransformer(**converted.encoder_kwargs(arch), dtype=dtype, scan_blocks=scan_blocks)
+def build_teacher(arch: dict[str, Any], dtype: Any, scan_blocks: bool = False,
+                  attention_impl: str = "explicit") -> VisionTransformer:
+  """The teacher encoder; never rematerialised (it runs forward only, under stop_gradient).
+
+  `attention_impl` applies to its blocks below the distilled ones (see VisionTransformer).
+  """
+  return VisionTransformer(**converted.encoder_kwargs(arch), dtype=dtype, scan_blocks=scan_blocks,
+                           attention_impl=attention_impl)
 
 
 def check_teacher(config: ml_collections.ConfigDict, arch: dict[str, Any],
@@ -205,7 +216,8 @@ def validate_distill_config(config: ml_collections.ConfigDict, depth: int) -> No
                       f"distill.attn_pairs entry distils it: {spec.attn_pairs}")
   if config.distill.attn_weight < 0 or config.distill.hidden_weight < 0:
     raise ConfigError("distill.attn_weight and distill.hidden_weight must be >= 0")
-  teacher_dtype(config)
+  check_attention_dtype(attention_impl(config.model), teacher_dtype(config),
+                        "distill.teacher_dtype (or model.dtype)")
   if not isinstance(config.distill.get("teacher_scan_blocks", False), bool):
     raise ConfigError(f"distill.teacher_scan_blocks={config.distill.teacher_scan_blocks!r} "
                       f"must be True or False")
@@ -253,7 +265,8 @@ class DistillationTask(MaePretrainTask):
     # Scanning the teacher is its own switch: XLA drops the work after the last
     # distilled layer of an unrolled teacher, not of a scanned one.
     self.teacher = build_teacher(arch, teacher_dtype(config),
-                                 config.distill.get("teacher_scan_blocks", False))
+                                 config.distill.get("teacher_scan_blocks", False),
+                                 attention_impl(config.model))
     if self.source is not None:
       check_teacher_params(self.teacher, teacher_encoder_params(self.source), config.image_size,
                            origin)

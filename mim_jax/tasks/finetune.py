@@ -19,7 +19,8 @@ from mim_jax.errors import ConfigError
 from mim_jax.models import scan
 from mim_jax.models.vit import VARIANTS, VisionTransformer, encoder_kwargs
 from mim_jax.objectives import classification
-from mim_jax.tasks.pretrain import compute_dtype, normalize_images, validate_memory_options
+from mim_jax.tasks.pretrain import (attention_impl, compute_dtype, normalize_images,
+                                    validate_memory_options)
 from mim_jax.trainer import optim
 
 
@@ -29,7 +30,7 @@ def build_classifier(config: ml_collections.ConfigDict) -> VisionTransformer:
       patch_size=model.patch_size, mlp_ratio=model.mlp_ratio, posemb="learn", pool=model.pool,
       num_classes=config.num_classes, drop_path_rate=model.drop_path_rate,
       dtype=compute_dtype(model.dtype, "model.dtype"), remat=model.get("remat", "none"),
-      scan_blocks=model.get("scan_blocks", False),
+      scan_blocks=model.get("scan_blocks", False), attention_impl=attention_impl(model),
       **encoder_kwargs(model.variant or None, width=model.width, depth=model.depth,
                        num_heads=model.num_heads))
 

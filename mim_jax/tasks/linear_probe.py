@@ -31,7 +31,7 @@ from mim_jax.models import scan
 from mim_jax.models.vit import VisionTransformer, encoder_kwargs
 from mim_jax.objectives import classification
 from mim_jax.tasks.finetune import validate_classifier
-from mim_jax.tasks.pretrain import compute_dtype, normalize_images
+from mim_jax.tasks.pretrain import attention_impl, compute_dtype, normalize_images
 
 BATCHNORM_EPS = 1e-6
 BATCHNORM_MOMENTUM = 0.1  # torch's: running = (1 - m) * running + m * batch statistic
@@ -65,7 +65,7 @@ def build_encoder(config: ml_collections.ConfigDict) -> VisionTransformer:
   return VisionTransformer(
       patch_size=model.patch_size, mlp_ratio=model.mlp_ratio, posemb="learn", pool=model.pool,
       num_classes=0, dtype=compute_dtype(model.dtype, "model.dtype"),
-      scan_blocks=model.get("scan_blocks", False),
+      scan_blocks=model.get("scan_blocks", False), attention_impl=attention_impl(model),
       **encoder_kwargs(model.variant or None, width=model.width, depth=model.depth,
                        num_heads=model.num_heads))
 

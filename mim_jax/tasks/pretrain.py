@@ -52,9 +52,31 @@ def decoder_dtype(model: ml_collections.ConfigDict) -> Any:
   return compute_dtype(model.dtype, "model.dtype")
 
 
+def attention_impl(model: ml_collections.ConfigDict) -> str:
+  """model.attention_impl ('explicit' when the config predates it)."""
+  return model.get("attention_impl", "explicit")
+
+
+def check_attention_dtype(impl: str, dtype: Any, key: str) -> None:
+  """cuDNN's fused attention exists for GPUs and 16-bit inputs only."""
+  if impl != "cudnn":
+    return
+  if jax.default_backend() != "gpu":
+    raise ConfigError(f"model.attention_impl='cudnn' needs a GPU, but JAX runs on "
+                      f"{jax.default_backend()!r}; use 'xla' or 'explicit'")
+  if dtype != jnp.bfloat16:
+    raise ConfigError(f"model.attention_impl='cudnn' needs bfloat16 compute, but {key} is "
+                      f"{jnp.dtype(dtype).name}")
+
+
 def validate_memory_options(model: ml_collections.ConfigDict) -> None:
-  """model.dtype, model.remat (if the config has it) and model.scan_blocks."""
-  compute_dtype(model.dtype, "model.dtype")
+  """model.dtype, model.remat (if the config has it), model.scan_blocks, model.attention_impl."""
+  dtype = compute_dtype(model.dtype, "model.dtype")
+  impl = attention_impl(model)
+  if impl not in vit.ATTENTION_IMPLS:
+    raise ConfigError(f"model.attention_impl={impl!r} is unknown; choose from "
+                      f"{vit.ATTENTION_IMPLS}")
+  check_attention_dtype(impl, dtype, "model.dtype")
   remat = model.get("remat", "none")
   if remat not in vit.REMAT_POLICIES:
     raise ConfigError(f"model.remat={remat!r} is unknown; choose from "
@@ -67,7 +89,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   """Rejects values that cannot work, before anything is built or written."""
   model = config.model
   validate_memory_options(model)
-  decoder_dtype(model)
+  check_attention_dtype(attention_impl(model), decoder_dtype(model), "model.decoder.dtype")
   if model.variant and model.variant not in VARIANTS:
     raise ConfigError(f"model.variant={model.variant!r} is unknown; choose from "
                       f"{sorted(VARIANTS)} (or set model.width/depth/num_heads)")
@@ -120,6 +142,7 @@ def build_mae(model_config: ml_collections.ConfigDict) -> MaskedAutoencoder:
       patch_size=model_config.patch_size, mlp_ratio=model_config.mlp_ratio,
       dtype=compute_dtype(model_config.dtype, "model.dtype"), remat=remat,
       scan_blocks=model_config.get("scan_blocks", False),
+      attention_impl=attention_impl(model_config),
       extra_attention_block=model_config.extra_attention_block,
       **encoder_kwargs(model_config.variant, width=model_config.width,
                        depth=model_config.depth, num_heads=model_config.num_heads))
@@ -127,7 +150,7 @@ def build_mae(model_config: ml_collections.ConfigDict) -> MaskedAutoencoder:
                        depth=model_config.decoder.depth,
                        num_heads=model_config.decoder.num_heads,
                        mlp_ratio=model_config.mlp_ratio, dtype=decoder_dtype(model_config),
-                       remat=remat)
+                       remat=remat, attention_impl=attention_impl(model_config))
   return MaskedAutoencoder(encoder=encoder, decoder=decoder,
                            decoder_layer=model_config.decoder_layer)
 
