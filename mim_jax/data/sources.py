@@ -76,6 +76,12 @@ def default_data_config() -> config_dict.ConfigDict:
     crop_scale: RandomResizedCrop area range as a fraction of the image (MAE: (0.2, 1.0)).
     crop_ratio: RandomResizedCrop aspect-ratio range (sampled in log space).
     flip: random horizontal flip with probability 0.5.
+    reduced_jpeg_decode: training decodes a JPEG at 1/2, 1/4 or 1/8 size (libjpeg
+      DCT scaling, PIL's `draft`) when its crop still has >= image_size pixels per
+      side, i.e. only when the crop is shrunk >= 2x (e.g. 64 or 112 px training on
+      ImageNet); faster, same crop boxes and flips, but the pixels differ slightly
+      from torchvision's full decode + bicubic resize. Off by default, so the inputs
+      match the PyTorch reference exactly. Evaluation always decodes in full.
     eval_resize_ratio: evaluation resizes the shorter side to
       int(image_size / eval_resize_ratio) (bicubic), then centre-crops image_size:
       timm's / MAE's `crop_pct` (MAE: 224/256 = 0.875 up to 224 px, 1.0 above).
@@ -109,6 +115,7 @@ def default_data_config() -> config_dict.ConfigDict:
       "crop_scale": (0.2, 1.0),
       "crop_ratio": (3.0 / 4.0, 4.0 / 3.0),
       "flip": True,
+      "reduced_jpeg_decode": False,
       "eval_resize_ratio": 0.875,
       "digits_size": 64,
       "randaug_magnitude": config_dict.placeholder(float),

@@ -224,6 +224,113 @@ def test_eval_crop_matches_resize_then_centre_crop():
 
 
 # --------------------------------------------------------------------------- #
+# Reduced JPEG decoding (data.reduced_jpeg_decode)
+# --------------------------------------------------------------------------- #
+
+_BIG = 1024  # Side of the large test photo: a 64 px crop of it is shrunk >= 6x.
+
+
+@pytest.fixture(scope="module")
+def astronaut() -> Image.Image:
+  from skimage import data as skimage_data  # pylint: disable=import-outside-toplevel
+
+  return Image.fromarray(skimage_data.astronaut()).resize((_BIG, _BIG), Image.Resampling.BICUBIC)
+
+
+def _jpeg(image: Image.Image) -> bytes:
+  buffer = io.BytesIO()
+  image.save(buffer, format="JPEG", quality=90)
+  return buffer.getvalue()
+
+
+def _crop(data: bytes, size: int, seed: int, reduced: bool) -> np.ndarray:
+  crop = transforms.DecodeRandomResizedCrop(size, reduced_decode=reduced)
+  return crop.random_map({"image": data, "label": 0}, np.random.default_rng(seed))["image"]
+
+
+def _spy_resized_crop(monkeypatch: pytest.MonkeyPatch) -> list[tuple[tuple[int, int],
+                                                                     transforms.Box, float]]:
+  """Records (decoded image size, box, scale) of every `resized_crop` call."""
+  calls = []
+  original = transforms.resized_crop
+
+  def spy(image: Image.Image, box: transforms.Box, size: int, scale: float = 1.0) -> np.ndarray:
+    calls.append((image.size, box, scale))
+    return original(image, box, size, scale)
+
+  monkeypatch.setattr(transforms, "resized_crop", spy)
+  return calls
+
+
+def test_full_decode_is_torchvisions_crop(astronaut: Image.Image):
+  # The default (reduced_decode=False) against an independent PIL computation:
+  # full decode, the generator's box, crop, bicubic resize, then its flip draw.
+  data = _jpeg(astronaut)
+  decoded = Image.open(io.BytesIO(data)).convert("RGB")
+  for seed in range(4):
+    rng = np.random.default_rng(seed)
+    top, left, h, w = transforms.sample_crop_box(_BIG, _BIG, (0.2, 1.0), (3 / 4, 4 / 3), rng)
+    expected = np.asarray(decoded.crop((left, top, left + w, top + h)).resize(
+        (64, 64), Image.Resampling.BICUBIC))
+    if rng.random() < 0.5:
+      expected = expected[:, ::-1]
+    np.testing.assert_array_equal(_crop(data, 64, seed, reduced=False), expected)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "CMYK"])
+def test_reduced_decode_is_smaller_and_close_to_full_decode(astronaut: Image.Image, mode: str,
+                                                            monkeypatch: pytest.MonkeyPatch):
+  data = _jpeg(astronaut.convert(mode))
+  calls = _spy_resized_crop(monkeypatch)
+  for seed in range(10):
+    full = _crop(data, 64, seed, reduced=False)
+    reduced = _crop(data, 64, seed, reduced=True)
+    assert reduced.shape == (64, 64, 3) and reduced.dtype == np.uint8
+    if mode == "L":
+      assert (reduced == reduced[..., :1]).all()
+    (_, box, _), (size, reduced_box, scale) = calls[-2:]
+    # Same random box (in full-size pixels); decoded at the largest 1/2^k that
+    # keeps >= 64 px per side of the crop.
+    _, _, h, w = box
+    assert reduced_box == box and scale in (1 / 2, 1 / 4, 1 / 8)
+    assert size == (math.ceil(_BIG * scale),) * 2
+    assert min(h, w) * scale >= 64 and (scale == 1 / 8 or min(h, w) * scale / 2 < 64)
+    # Same box and flip, pixels differ by the DCT-domain downscale: measured
+    # 0.5-1.9 gray levels mean abs difference for these seeds (all three modes),
+    # while rounding the box to whole reduced pixels gives 3.4-14 and a wrong flip > 50.
+    assert np.abs(reduced.astype(int) - full).mean() < 3.0
+
+
+def test_reduced_decode_of_png_is_a_full_decode(astronaut: Image.Image,
+                                                monkeypatch: pytest.MonkeyPatch):
+  data = _png(np.asarray(astronaut.resize((512, 512))))
+  calls = _spy_resized_crop(monkeypatch)
+  for seed in range(3):
+    np.testing.assert_array_equal(_crop(data, 64, seed, reduced=True),
+                                  _crop(data, 64, seed, reduced=False))
+  assert {(size, scale) for size, _, scale in calls} == {((512, 512), 1.0)}
+
+
+@pytest.mark.parametrize("size", [128, 64])  # Upsampled; shrunk < 2x.
+def test_reduced_decode_needs_a_2x_shrink(astronaut: Image.Image, size: int,
+                                          monkeypatch: pytest.MonkeyPatch):
+  data = _jpeg(astronaut.resize((96, 96)))
+  calls = _spy_resized_crop(monkeypatch)
+  for seed in range(3):
+    np.testing.assert_array_equal(_crop(data, size, seed, reduced=True),
+                                  _crop(data, size, seed, reduced=False))
+  assert {(image_size, scale) for image_size, _, scale in calls} == {((96, 96), 1.0)}
+
+
+def test_reduced_decode_undecodable_image_becomes_a_marker():
+  crop = transforms.DecodeRandomResizedCrop(16, reduced_decode=True)
+  for data in (b"\xff\xd8 truncated", _jpeg(Image.new("RGB", (300, 300)))[:400]):
+    marker = crop.random_map({"image": data, "label": 2, "id": "bad.jpg"},
+                             np.random.default_rng(0))
+    assert "bad.jpg" in marker["error"] and marker["image"].shape == (0, 0, 3)
+
+
+# --------------------------------------------------------------------------- #
 # Training loader
 # --------------------------------------------------------------------------- #
 
@@ -363,6 +470,20 @@ def test_workers_exit_when_the_main_process_is_killed(colour_config):
   assert not alive, "grain workers outlived their killed main process"
 
 
+def test_reduced_jpeg_decode_config_reaches_the_crop(demo_config):
+  def first_batch(reduced: bool) -> np.ndarray:
+    config = demo_config.copy_and_resolve_references()
+    config.reduced_jpeg_decode = reduced
+    loader = pipeline.make_train_loader(config, global_batch_size=8, seed=3, image_size=32,
+                                        worker_count=0)
+    return next(iter(loader))["image"].astype(int)
+
+  full, reduced = first_batch(False), first_batch(True)
+  # The demo JPEGs (160-256 px) shrink >= 2x to 32 px mostly: same crops, other pixels.
+  assert not np.array_equal(full, reduced)
+  assert np.abs(full - reduced).mean() < 3.0
+
+
 # --------------------------------------------------------------------------- #
 # Evaluation loader
 # --------------------------------------------------------------------------- #
@@ -429,9 +550,9 @@ def test_default_config_fields():
   config = pipeline.default_data_config()
   assert set(config) == {
       "kind", "name", "data_dir", "split", "eval_split", "image_key", "label_key", "crop_scale",
-      "crop_ratio", "flip", "eval_resize_ratio", "worker_count", "prefetch_buffer_size",
-      "read_threads", "read_buffer_size", "digits_size", "randaug_magnitude", "randaug_mstd",
-      "randaug_num_ops", "color_jitter", "force_color_jitter"}
+      "crop_ratio", "flip", "reduced_jpeg_decode", "eval_resize_ratio", "worker_count",
+      "prefetch_buffer_size", "read_threads", "read_buffer_size", "digits_size",
+      "randaug_magnitude", "randaug_mstd", "randaug_num_ops", "color_jitter", "force_color_jitter"}
   assert config.kind == "demo" and tuple(config.crop_scale) == (0.2, 1.0)
   # Fine-tuning augmentation is off by default: pre-training batches are unchanged.
   assert config.randaug_magnitude is None and config.color_jitter == 0
@@ -439,3 +560,5 @@ def test_default_config_fields():
   config.randaug_magnitude = 9  # A typed placeholder: settable from the command line.
   config.data_dir = "/some/where"  # A typed placeholder: settable from the command line.
   assert sources.config_value({"kind": "tfds"}, "worker_count") == 2
+  # Off by default, also for configs written before the field existed.
+  assert sources.config_value({"kind": "tfds"}, "reduced_jpeg_decode") is False
