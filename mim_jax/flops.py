@@ -18,11 +18,12 @@ def transformer_block_flops(tokens: int, width: int, mlp_ratio: float = 4.0,
   return qkv + logits + weighted_sum + proj + mlp
 
 
-def vit_encoder_flops(num_patches: int, kept_patches: int, patch_size: int, width: int,
-                      depth: int, mlp_ratio: float = 4.0) -> float:
-  """Forward FLOPs: patch projection of all patches, blocks on kept patches + cls."""
-  embed = 2 * num_patches * 3 * patch_size**2 * width
-  return embed + depth * transformer_block_flops(kept_patches + 1, width, mlp_ratio)
+def vit_encoder_flops(patches: int, patch_size: int, width: int, depth: int,
+                      mlp_ratio: float = 4.0) -> float:
+  """Forward FLOPs on `patches` patches (all of them, or those MAE keeps: masked
+  patches are never projected): patch projection, blocks on patches + cls."""
+  embed = 2 * patches * 3 * patch_size**2 * width
+  return embed + depth * transformer_block_flops(patches + 1, width, mlp_ratio)
 
 
 def mae_decoder_flops(num_patches: int, kept_patches: int, patch_size: int, enc_width: int,
@@ -36,7 +37,7 @@ def mae_decoder_flops(num_patches: int, kept_patches: int, patch_size: int, enc_
 def mae_train_flops_per_image(num_patches: int, kept_patches: int, patch_size: int,
                               width: int, depth: int, dec_width: int, dec_depth: int,
                               mlp_ratio: float = 4.0) -> float:
-  forward = (vit_encoder_flops(num_patches, kept_patches, patch_size, width, depth, mlp_ratio) +
+  forward = (vit_encoder_flops(kept_patches, patch_size, width, depth, mlp_ratio) +
              mae_decoder_flops(num_patches, kept_patches, patch_size, width, dec_width,
                                dec_depth, mlp_ratio))
   return 3 * forward

@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from mim_jax.models import posembed
+from mim_jax.models.patches import patchify
 
 VARIANTS = {
     # name: (width, depth, heads). ViT-Tiny uses 12 heads (MAE-Lite), not timm's 3.
@@ -238,18 +239,46 @@ def block_class(remat: str, scanned: bool = False) -> type[Block]:
                   prevent_cse=not scanned)
 
 
-class PatchEmbed(nn.Module):
-  """Non-overlapping patches -> tokens (B, L, width) in raster order."""
+class PatchProjection(nn.Module):
+  """The linear map of each flattened patch (p*p*3 pixels, `patches` order) to a token.
+
+  Its params are those of `nn.Conv(width, (p, p), strides=p)` ('kernel' (p, p, 3,
+  width), 'bias'), the layout timm's `patch_embed.proj` converts to, applied as one
+  matmul to patches already cut out.
+  """
   patch_size: int
   width: int
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, images: jax.Array) -> jax.Array:
-    x = nn.Conv(self.width, (self.patch_size,) * 2, strides=(self.patch_size,) * 2,
-                padding="VALID", kernel_init=patch_init, dtype=self.dtype,
-                param_dtype=PARAM_DTYPE, name="proj")(images)
-    return x.reshape(x.shape[0], -1, self.width)
+  def __call__(self, patches: jax.Array) -> jax.Array:
+    kernel = self.param("kernel", patch_init, (self.patch_size, self.patch_size, 3, self.width),
+                        PARAM_DTYPE)
+    bias = self.param("bias", nn.initializers.zeros, (self.width,), PARAM_DTYPE)
+    kernel = kernel.reshape(-1, self.width).astype(self.dtype)
+    return jnp.dot(patches.astype(self.dtype), kernel) + bias.astype(self.dtype)
+
+
+class PatchEmbed(nn.Module):
+  """Non-overlapping patches -> tokens (B, L, width) in raster order, or (B, K, width)
+  for the patches `ids_keep` names, in its order.
+
+  Cutting the kept patches out before projecting them is the same function as
+  projecting every patch then dropping the masked ones (each token depends on its
+  own patch only) at 1 - mask_ratio of the cost, in the forward and the backward
+  pass; for a frozen ViT-B teacher on 224-px images the strided convolution over
+  all 196 patches was 5% of a D²-MAE step on the CPU.
+  """
+  patch_size: int
+  width: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, images: jax.Array, ids_keep: jax.Array | None = None) -> jax.Array:
+    patches = patchify(images, self.patch_size)
+    if ids_keep is not None:
+      patches = jnp.take_along_axis(patches, ids_keep[..., None], axis=1)
+    return PatchProjection(self.patch_size, self.width, self.dtype, name="proj")(patches)
 
 
 class VisionTransformer(nn.Module):
@@ -348,12 +377,14 @@ class VisionTransformer(nn.Module):
     check_attention_impl(self.attention_impl)
     grid = self.grid_size(height)
 
-    x = PatchEmbed(self.patch_size, self.width, self.dtype, name="patch_embed")(images)
-    pos = self.position_embedding(grid).astype(x.dtype)
-    x = x + pos[:, 1:]
     if ids_keep is not None:
       chex.assert_rank(ids_keep, 2)
-      x = jnp.take_along_axis(x, ids_keep[..., None], axis=1)
+    x = PatchEmbed(self.patch_size, self.width, self.dtype, name="patch_embed")(images, ids_keep)
+    pos = self.position_embedding(grid).astype(x.dtype)
+    patch_pos = pos[:, 1:]
+    if ids_keep is not None:
+      patch_pos = jnp.take(patch_pos[0], ids_keep, axis=0)
+    x = x + patch_pos
     cls = self.param("cls_token", token_init, (1, 1, self.width),
                      PARAM_DTYPE).astype(x.dtype) + pos[:, :1]
     x = jnp.concatenate([jnp.broadcast_to(cls, (batch, 1, self.width)), x], axis=1)

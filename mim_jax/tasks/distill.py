@@ -296,7 +296,7 @@ class DistillationTask(MaePretrainTask):
     if enc.extra_attention_block:
       student += 3 * flops.transformer_block_flops(kept + 1, enc.width, attention_only=True)
     teacher = self.teacher
-    teacher_flops = flops.vit_encoder_flops(self.num_patches, kept, teacher.patch_size,
+    teacher_flops = flops.vit_encoder_flops(kept, teacher.patch_size,
                                             teacher.width, max(self.spec.teacher_layers),
                                             teacher.mlp_ratio)
     return student + teacher_flops

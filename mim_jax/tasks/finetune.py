@@ -116,7 +116,7 @@ class FinetuneTask:
     from mim_jax import flops  # pylint: disable=g-import-not-at-top
     enc = self.model
     patches = self.num_patches
-    forward = flops.vit_encoder_flops(patches, patches, enc.patch_size, enc.width, enc.depth,
+    forward = flops.vit_encoder_flops(patches, enc.patch_size, enc.width, enc.depth,
                                       enc.mlp_ratio)
     return 3 * (forward + 2 * enc.width * self.config.num_classes)
 

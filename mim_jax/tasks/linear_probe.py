@@ -136,7 +136,7 @@ class LinearProbeTask:
   def train_flops_per_image(self) -> float:
     from mim_jax import flops  # pylint: disable=g-import-not-at-top
     enc = self.encoder
-    forward = flops.vit_encoder_flops(self.num_patches, self.num_patches, enc.patch_size,
+    forward = flops.vit_encoder_flops(self.num_patches, enc.patch_size,
                                       enc.width, enc.depth, enc.mlp_ratio)
     return forward + 3 * 2 * enc.width * self.config.num_classes
 
