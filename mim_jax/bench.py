@@ -6,6 +6,8 @@ r"""Benchmarks: the jitted train step on synthetic on-device data, or the input 
   python -m mim_jax.bench --config configs/finetune_vit_tiny.py --config.batch_size=64
   python -m mim_jax.bench --config configs/mae_vit_tiny.py:demo --data     # pipeline only
   python -m mim_jax.bench --config configs/d2mae_vit_tiny.py --config.batch_size=64 --torch
+  python -m mim_jax.bench --config configs/d2mae_vit_tiny.py --config.batch_size=64 \
+      --breakdown --profile_dir=/tmp/d2mae_profile
 
 Distillation configs without --config.distill.teacher time a randomly initialised
 teacher of `distill.teacher_variant` (the speed does not depend on the weights).
@@ -15,9 +17,16 @@ Prints compile time, step time, images/s, the analytic model TFLOP/s and, with
 --torch (pre-training tasks; needs the `torch` extra) the same step written with
 timm modules and torch.optim.AdamW (`mim_jax/bench_torch.py`) is timed right
 after, on the CPU, with the same batch, for a side-by-side images/s.
+
+Profiling. --breakdown (pre-training tasks) also times, on the same batch, the
+loss alone (every forward pass: student, decoder, teacher, losses), the loss and
+its gradient, and for distillation the teacher's forward alone; the differences
+give the backward pass and the optimizer update. --profile_dir writes a
+`jax.profiler` trace of the timed steps (TensorBoard's profile plugin / xprof, or
+the `*.trace.json.gz` in https://ui.perfetto.dev).
 """
 
-import statistics
+import contextlib
 import time
 from typing import Any
 
@@ -28,6 +37,7 @@ from ml_collections import config_flags
 
 from mim_jax import cli
 from mim_jax.data import pipeline
+from mim_jax.step_breakdown import breakdown, median_seconds
 from mim_jax.tasks.distill import DistillationTask
 from mim_jax.tasks.registry import build_task
 from mim_jax.trainer import loop, sharding
@@ -38,6 +48,10 @@ _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (after one compile + war
 _PEAK = flags.DEFINE_float("peak_tflops", None, "Peak dense TFLOP/s of all devices, for MFU.")
 _DATA = flags.DEFINE_bool("data", False, "Time the input pipeline alone instead of the step.")
 _TORCH = flags.DEFINE_bool("torch", False, "Also time the PyTorch (timm) version of the step.")
+_BREAKDOWN = flags.DEFINE_bool("breakdown", False,
+                               "Also time the forward, forward+backward and teacher alone.")
+_PROFILE_DIR = flags.DEFINE_string("profile_dir", None,
+                                   "Write a jax.profiler trace of the timed steps here.")
 flags.mark_flags_as_required(["config"])
 
 
@@ -72,15 +86,16 @@ def bench_step(config) -> dict[str, float]:
   start = time.perf_counter()
   compiled = step_fn.lower(state, frozen, batch).compile()
   compile_s = time.perf_counter() - start
-  state, metrics = compiled(state, frozen, batch)  # warm-up
-  jax.block_until_ready(metrics)
-  times = []
-  for _ in range(_STEPS.value):
-    start = time.perf_counter()
-    state, metrics = compiled(state, frozen, batch)
-    jax.block_until_ready(metrics)
-    times.append(time.perf_counter() - start)
-  step_s = statistics.median(times)
+  current = {"state": state}
+
+  def train_step():
+    current["state"], metrics = compiled(current["state"], frozen, batch)  # donates the state
+    return metrics
+
+  profile = (jax.profiler.trace(_PROFILE_DIR.value) if _PROFILE_DIR.value
+             else contextlib.nullcontext())
+  with profile:
+    step_s = median_seconds(train_step, _STEPS.value)
   result = {
       "devices": jax.device_count(),
       "batch": config.batch_size,
@@ -91,6 +106,9 @@ def bench_step(config) -> dict[str, float]:
   }
   if _PEAK.value:
     result["mfu_percent"] = 100 * result["model_tflops_per_sec"] / _PEAK.value
+  if _BREAKDOWN.value:
+    result.update(breakdown(task, current["state"]["params"], frozen, batch, step_s,
+                            _STEPS.value))
   return result
 
 

@@ -1,0 +1,64 @@
+"""Where a training step's time goes: separately compiled pieces of it, timed.
+
+Used by `python -m mim_jax.bench --breakdown`; free of flags so tests and
+notebooks can call it.
+"""
+
+import statistics
+import time
+from typing import Any, Callable
+
+import jax
+
+from mim_jax import masking
+from mim_jax.errors import ConfigError
+from mim_jax.tasks.distill import DistillationTask, teacher_forward
+from mim_jax.tasks.pretrain import MaePretrainTask, normalize_images
+
+
+def median_seconds(run: Callable[[], Any], steps: int) -> float:
+  """Median wall time of `run()` over `steps` calls, after one warm-up call."""
+  jax.block_until_ready(run())
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    jax.block_until_ready(run())
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def breakdown(task, params, frozen, batch, step_s: float, steps: int) -> dict[str, float]:
+  """Where a pre-training step's time goes, from separately compiled pieces of it.
+
+  'forward' / 'student_forward' include the decoder and the losses; 'backward' is
+  the student's (the teacher has none); 'optimizer_update' is the AdamW update.
+
+  Each piece is its own XLA program, so the differences are estimates (fusion
+  across the pieces' boundaries differs), but large shares show up clearly.
+  """
+  if not isinstance(task, MaePretrainTask):
+    raise ConfigError(f"--breakdown times pre-training steps; task={task.config.task!r} is not one")
+  rng = jax.random.PRNGKey(0)
+  loss = jax.jit(task.loss_fn)
+  loss_and_grad = jax.jit(jax.value_and_grad(task.loss_fn, has_aux=True))
+  forward_s = median_seconds(lambda: loss(params, frozen, batch, rng), steps)
+  forward_backward_s = median_seconds(lambda: loss_and_grad(params, frozen, batch, rng), steps)
+  times = {"forward": forward_s}
+  if isinstance(task, DistillationTask):
+
+    def teacher_only(frozen, batch, rng):
+      images = normalize_images(batch["image"])
+      mask = masking.mask_from_noise(task.masking_noise(rng, images.shape[0]),
+                                     task.config.mask_ratio)
+      return teacher_forward(task.teacher, frozen["teacher"], images, mask.ids_keep, task.spec)
+
+    teacher = jax.jit(teacher_only)
+    teacher_s = median_seconds(lambda: teacher(frozen, batch, rng), steps)
+    times = {"teacher_forward": teacher_s, "student_forward": forward_s - teacher_s}
+  times["backward"] = forward_backward_s - forward_s
+  times["optimizer_update"] = step_s - forward_backward_s
+  result = {}
+  for name, seconds in times.items():
+    result[f"{name}_ms"] = 1e3 * seconds
+    result[f"{name}_percent_of_step"] = 100 * seconds / step_s
+  return result
