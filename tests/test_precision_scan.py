@@ -282,6 +282,9 @@ def test_fused_attention_runs_only_where_logits_are_unread_and_changes_nothing(
   config = config.copy_and_resolve_references()
   config.model.attention_impl = "xla"
   fused = build_task(config)
+  config = config.copy_and_resolve_references()
+  config.model.scan_blocks = config.distill.teacher_scan_blocks = True
+  fused_scanned = build_task(config)
 
   fused_calls = []
   dot_product_attention = jax.nn.dot_product_attention
@@ -296,16 +299,26 @@ def test_fused_attention_runs_only_where_logits_are_unread_and_changes_nothing(
            "rng": jax.random.PRNGKey(3)}
   frozen, _ = explicit.load_frozen()
   batch = batch_of(explicit)
-  (new, metrics), (new_fused, metrics_fused) = [
-      run_jitted(loop.make_train_step(task.loss_fn, tx, schedule), state, frozen, batch)
-      for task in (explicit, fused)]
-  # Traced once: student blocks 1-3 (only the extra block 4 is distilled), teacher
-  # blocks 1-2 (block 3 is distilled), the decoder's block (1 + 16 tokens).
-  kept_tokens = 1 + 4  # cls + 25% of the 4x4 patches
-  assert sorted(shape[1] for shape in fused_calls) == [kept_tokens] * 5 + [17]
+  step = lambda task: run_jitted(loop.make_train_step(task.loss_fn, tx, schedule), state,
+                                 frozen, batch)
+  new, metrics = step(explicit)
+  assert not fused_calls
+  new_fused, metrics_fused = step(fused)
+  # (tokens, heads) of each traced call: student blocks 1-3 (only the extra block 4 is
+  # distilled; 4 heads), teacher blocks 1-2 (block 3 is distilled; 6 heads), the
+  # decoder's block (1 + 16 tokens, 2 heads).
+  kept = 1 + 4  # cls + 25% of the 4x4 patches
+  calls = lambda: sorted(shape[1:3] for shape in fused_calls)
+  assert calls() == [(kept, 4)] * 3 + [(kept, 6)] * 2 + [(17, 2)]
+  fused_calls.clear()
+  # Scanned: the student's scan body (no logits captured in 1..3) and the decoder; the
+  # teacher's scan captures block 3, so all its blocks stay explicit.
+  new_scanned, metrics_scanned = step(fused_scanned)
+  assert set(calls()) == {(kept, 4), (17, 2)}
   assert metrics["loss_attn"] > 0
-  assert_trees_close(metrics_fused, metrics, **SCAN_TOL)
-  assert_trees_close(new_fused["params"], new["params"], **SCAN_TOL)
+  for other_metrics, other in ((metrics_fused, new_fused), (metrics_scanned, new_scanned)):
+    assert_trees_close(other_metrics, metrics, **SCAN_TOL)
+    assert_trees_close(other["params"], new["params"], **SCAN_TOL)
 
 
 # ----------------------------------------------------------------------------
