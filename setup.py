@@ -36,9 +36,10 @@ setup(
     extras_require={
         # Real photographs for the embedded demo dataset ship inside these wheels.
         "demo": ["scikit-image", "scikit-learn"],
-        # nbclient / nbformat / ipykernel: tests/test_notebooks.py executes colab/*.ipynb.
-        "test": ["pytest", "scipy", "scikit-image", "scikit-learn", "nbclient", "nbformat",
-                 "ipykernel"],
+        # nbclient / nbformat / ipykernel: tests/test_notebooks.py executes colab/*.ipynb;
+        # pytest-xdist: the README's test command runs the suite on 2 workers.
+        "test": ["pytest", "pytest-xdist", "scipy", "scikit-image", "scikit-learn", "nbclient",
+                 "nbformat", "ipykernel"],
         "torch": ["torch==2.14.1", "torchvision==0.29.1", "timm", "safetensors"],
     },
 )
