@@ -107,8 +107,7 @@ def bench_step(config) -> dict[str, float]:
   if _PEAK.value:
     result["mfu_percent"] = 100 * result["model_tflops_per_sec"] / _PEAK.value
   if _BREAKDOWN.value:
-    result.update(breakdown(task, current["state"]["params"], frozen, batch, step_s,
-                            _STEPS.value))
+    result.update(breakdown(task, tx, current["state"], frozen, batch, step_s, _STEPS.value))
   return result
 
 

@@ -3,6 +3,7 @@ and the step breakdown."""
 
 import jax
 import numpy as np
+import optax
 import pytest
 
 from conftest import make_teacher, tiny_config
@@ -49,16 +50,19 @@ def test_breakdown_times_each_piece_of_a_pretraining_step(tmp_path, task):
   config = configs(tmp_path)[task]
   jax_task = build_task(config)
   params = jax_task.init_params(jax.random.PRNGKey(0))
+  tx = optax.adamw(1e-3)
+  state = {"params": params, "opt_state": tx.init(params)}
   frozen, _ = jax_task.load_frozen()
   batch = {"image": np.random.RandomState(0).randint(
       0, 256, (config.batch_size, config.image_size, config.image_size, 3)).astype(np.uint8)}
-  result = step_breakdown.breakdown(jax_task, params, frozen, batch, step_s=1.0, steps=1)
+  result = step_breakdown.breakdown(jax_task, tx, state, frozen, batch, step_s=1.0, steps=1)
   pieces = (["teacher_forward", "student_forward"] if task == "d2mae" else ["forward"])
-  pieces += ["backward", "optimizer_update"]
+  pieces += ["backward", "optimizer_update", "unaccounted"]
   assert list(result) == [f"{piece}_{unit}" for piece in pieces
                           for unit in ("ms", "percent_of_step")]
-  forward_ms = sum(result[f"{piece}_ms"] for piece in pieces[:-2])
-  assert forward_ms > 0 and all(np.isfinite(list(result.values())))
+  forward_ms = sum(result[f"{piece}_ms"] for piece in pieces[:-3])
+  assert forward_ms > 0 and result["optimizer_update_ms"] > 0
+  assert all(np.isfinite(list(result.values())))
   # The pieces add up to the step they were measured against (here a nominal 1 s).
   np.testing.assert_allclose(sum(result[f"{p}_percent_of_step"] for p in pieces), 100.0)
 
@@ -66,4 +70,4 @@ def test_breakdown_times_each_piece_of_a_pretraining_step(tmp_path, task):
 def test_breakdown_refuses_a_task_that_is_not_pretraining():
   config = config_defaults.finetune_config()
   with pytest.raises(ConfigError, match="--breakdown times pre-training steps"):
-    step_breakdown.breakdown(build_task(config), None, {}, {}, step_s=1.0, steps=1)
+    step_breakdown.breakdown(build_task(config), None, {}, {}, {}, step_s=1.0, steps=1)
