@@ -136,7 +136,7 @@ class Attention(nn.Module):
   impl: str = "explicit"
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> tuple[jax.Array | None, jax.Array]:
+  def __call__(self, x: jax.Array) -> tuple[jax.Array | None, jax.Array | None]:
     batch, tokens, width = x.shape
     if width % self.num_heads:
       raise ValueError(f"width {width} is not divisible by num_heads {self.num_heads}")
@@ -210,7 +210,8 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, deterministic: bool = True, rng: jax.Array | None = None,
-               keep: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+               keep: jax.Array | None = None
+               ) -> tuple[jax.Array, jax.Array | None, jax.Array]:
     normed = layer_norm("norm1", self.dtype)(x)
     attn_out, logits = Attention(self.num_heads, self.dtype, self.attention_only,
                                  self.attention_impl, name="attn")(normed)
