@@ -6,6 +6,8 @@ r"""Benchmarks: the jitted train step on synthetic on-device data, or the input 
   python -m mim_jax.bench --config configs/finetune_vit_tiny.py --config.batch_size=64
   python -m mim_jax.bench --config configs/mae_vit_tiny.py:demo --data     # pipeline only
   python -m mim_jax.bench --config configs/d2mae_vit_tiny.py --config.batch_size=64 --torch
+  python -m mim_jax.bench --config configs/d2mae_vit_tiny.py --config.batch_size=256 \
+      --config.model.dtype=bfloat16 --peak_tflops=989 --torch --torch_device=cuda  # H100
   python -m mim_jax.bench --config configs/d2mae_vit_tiny.py --config.batch_size=64 \
       --breakdown --profile_dir=/tmp/d2mae_profile
 
@@ -16,7 +18,9 @@ Prints compile time, step time, images/s, the analytic model TFLOP/s and, with
 --peak_tflops (the accelerator's dense peak, all devices together), MFU. With
 --torch (pre-training tasks; needs the `torch` extra) the same step written with
 timm modules and torch.optim.AdamW (`mim_jax/bench_torch.py`) is timed right
-after, on the CPU, with the same batch, for a side-by-side images/s.
+after, with the same batch, for a side-by-side images/s: on the CPU, or with
+--torch_device=cuda on the GPU (under bfloat16 autocast when model.dtype is
+bfloat16).
 
 Profiling. --breakdown (pre-training tasks) also times, on the same batch, the
 loss alone (every forward pass: student, decoder, teacher, losses), the loss and
@@ -48,6 +52,8 @@ _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (after one compile + war
 _PEAK = flags.DEFINE_float("peak_tflops", None, "Peak dense TFLOP/s of all devices, for MFU.")
 _DATA = flags.DEFINE_bool("data", False, "Time the input pipeline alone instead of the step.")
 _TORCH = flags.DEFINE_bool("torch", False, "Also time the PyTorch (timm) version of the step.")
+_TORCH_DEVICE = flags.DEFINE_enum("torch_device", "cpu", ["cpu", "cuda"],
+                                  "Where --torch runs the PyTorch step.")
 _BREAKDOWN = flags.DEFINE_bool("breakdown", False,
                                "Also time the forward, forward+backward and teacher alone.")
 _PROFILE_DIR = flags.DEFINE_string("profile_dir", None,
@@ -143,8 +149,8 @@ def main(argv):
     print_result(result)
     if _TORCH.value and not _DATA.value:
       from mim_jax import bench_torch  # pylint: disable=g-import-not-at-top
-      print("the same step in PyTorch + timm on the CPU:")
-      print_result(bench_torch.bench(config, _STEPS.value))
+      print(f"the same step in PyTorch + timm on {_TORCH_DEVICE.value}:")
+      print_result(bench_torch.bench(config, _STEPS.value, _TORCH_DEVICE.value))
 
   cli.run_reporting_user_errors(run)
 

@@ -173,25 +173,38 @@ def build_step(config: ml_collections.ConfigDict, device: str = "cpu"):
   return step, sum(p.numel() for p in trained)
 
 
-def bench(config: ml_collections.ConfigDict, steps: int) -> dict[str, Any]:
-  """Median step time of the PyTorch step on CPU (all cores), like `bench_step`."""
+def bench(config: ml_collections.ConfigDict, steps: int, device: str = "cpu") -> dict[str, Any]:
+  """Median step time of the PyTorch step on `device` ('cpu': all cores, or 'cuda').
+
+  With model.dtype='bfloat16' the step runs under `torch.autocast(bfloat16)`, the
+  usual PyTorch counterpart of JAX's bfloat16 compute with float32 params.
+  """
   torch = _torch()
   if config.task not in ("mae", "dmae", "d2mae"):
     raise ValueError(f"--torch times pre-training steps (mae, dmae, d2mae), not {config.task!r}")
+  if device == "cuda" and not torch.cuda.is_available():
+    raise ValueError("--torch_device=cuda but torch sees no CUDA device")
+  if device not in ("cpu", "cuda"):
+    raise ValueError(f"--torch_device={device!r}: use 'cpu' or 'cuda'")
   torch.manual_seed(0)
-  step, num_params = build_step(config)
+  step, num_params = build_step(config, device)
   rng = np.random.RandomState(0)
   images = torch.from_numpy(rng.standard_normal(
       (config.batch_size, 3, config.image_size, config.image_size)).astype(np.float32))
-  start = time.perf_counter()
-  step(images)  # warm-up (allocations)
-  first_s = time.perf_counter() - start
-  times = []
-  for _ in range(steps):
+  images = images.to(device)
+  bf16 = config.model.dtype == "bfloat16"
+
+  def timed_step() -> float:
     start = time.perf_counter()
-    step(images)
-    times.append(time.perf_counter() - start)
-  step_s = float(np.median(times))
-  return {"torch": torch.__version__, "threads": torch.get_num_threads(),
-          "trained_params": num_params, "first_step_s": first_s, "step_ms": 1e3 * step_s,
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+      step(images)
+    if device == "cuda":
+      torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+  first_s = timed_step()  # warm-up (allocations)
+  step_s = float(np.median([timed_step() for _ in range(steps)]))
+  return {"torch": torch.__version__, "device": device, "autocast": "bfloat16" if bf16 else "off",
+          "threads": torch.get_num_threads(), "trained_params": num_params,
+          "first_step_s": first_s, "step_ms": 1e3 * step_s,
           "images_per_sec": config.batch_size / step_s}

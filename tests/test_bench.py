@@ -71,3 +71,14 @@ def test_breakdown_refuses_a_task_that_is_not_pretraining():
   config = config_defaults.finetune_config()
   with pytest.raises(ConfigError, match="--breakdown times pre-training steps"):
     step_breakdown.breakdown(build_task(config), None, {}, {}, {}, step_s=1.0, steps=1)
+
+
+def test_torch_bench_reports_its_device_and_bf16_autocast(tmp_path, torch):
+  from mim_jax import bench_torch  # pylint: disable=import-outside-toplevel
+  config = configs(tmp_path)["mae"]
+  config.model.dtype = "bfloat16"
+  result = bench_torch.bench(config, steps=1)
+  assert (result["device"], result["autocast"]) == ("cpu", "bfloat16")
+  assert result["trained_params"] > 0 and result["step_ms"] > 0
+  with pytest.raises(ValueError, match="torch_device='tpu'"):
+    bench_torch.bench(config, steps=1, device="tpu")
