@@ -219,26 +219,29 @@ def test_global_batches_do_not_depend_on_the_process_count(demo_dir, worker_coun
 # ----------------------------------------------------------------------------
 # Bad input: one-line errors before training starts, in bounded time
 # ----------------------------------------------------------------------------
-def test_unreachable_coordinator_is_a_timeout_naming_the_address(tmp_path, demo_dir):
-  address = f"localhost:{free_port()}"  # nothing listens there
-  started = time.time()
+def alone_in_a_two_process_run(tmp_path, demo_dir, process_id, timeout_s):
+  """(address, exit code, output) of process `process_id` of 2, started without the other."""
+  address = f"localhost:{free_port()}"  # nothing listens there unless process 0 does
   rc, output = finish(train_one_process(
       str(tmp_path), tiny_flags(demo_dir) + [f"--coordinator_address={address}",
-                                             "--num_processes=2", "--process_id=1",
-                                             "--distributed_timeout_s=2"], devices=1),
-                      timeout=120)
+                                             "--num_processes=2", f"--process_id={process_id}",
+                                             f"--distributed_timeout_s={timeout_s}"],
+      devices=1), timeout=120)
+  return address, rc, output
+
+
+def test_unreachable_coordinator_is_a_timeout_naming_the_address(tmp_path, demo_dir):
+  started = time.time()
+  address, rc, output = alone_in_a_two_process_run(tmp_path, demo_dir, process_id=1,
+                                                   timeout_s=2)
   assert rc == 2, output[-3000:]
   assert f"error: no coordinator answered at {address} within 2 s" in output
   assert time.time() - started < 100
 
 
 def test_missing_processes_end_in_a_timeout_naming_the_coordinator(tmp_path, demo_dir):
-  address = f"localhost:{free_port()}"
-  rc, output = finish(train_one_process(
-      str(tmp_path), tiny_flags(demo_dir) + [f"--coordinator_address={address}",
-                                             "--num_processes=2", "--process_id=0",
-                                             "--distributed_timeout_s=3"], devices=1),
-                      timeout=120)
+  address, rc, output = alone_in_a_two_process_run(tmp_path, demo_dir, process_id=0,
+                                                   timeout_s=3)
   assert rc == 2, output[-3000:]
   assert (f"error: process 0: not all 2 processes joined through the coordinator at {address} "
           "in time") in output
