@@ -148,9 +148,8 @@ def finetune_config() -> ml_collections.ConfigDict:
       mlp_ratio=4.0, dtype="float32",  # compute dtype: float32 | bfloat16; params float32
       remat="none",  # none | block | block_dots
       scan_blocks=False,  # nn.scan over the blocks (checkpoints keep blocks_{i} either way)
-      # explicit | xla | cudnn: attention of blocks whose logits nobody reads (the
-      # decoder, the teacher below its distilled layer, undistilled student blocks);
-      # cudnn = cuDNN flash attention (GPU, bfloat16)
+      # explicit | xla | cudnn: every block's attention (a classifier reads no logits)
+      # through jax.nn.dot_product_attention; cudnn = cuDNN flash attention (GPU, bf16)
       attention_impl="explicit",
       pool="gap",  # global average pooling of patch tokens + fc_norm; 'cls' = cls token
       drop_path_rate=0.0,
