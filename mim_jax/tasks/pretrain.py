@@ -58,7 +58,7 @@ def attention_impl(model: ml_collections.ConfigDict) -> str:
 
 
 def check_attention_dtype(impl: str, dtype: Any, key: str) -> None:
-  """cuDNN's fused attention exists for GPUs and 16-bit inputs only."""
+  """cuDNN's fused attention needs a GPU and 16-bit inputs (here bfloat16: float16 is refused)."""
   if impl != "cudnn":
     return
   if jax.default_backend() != "gpu":
