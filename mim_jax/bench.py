@@ -24,8 +24,9 @@ bfloat16).
 
 Profiling. --breakdown (pre-training tasks) also times, on the same batch, the
 loss alone (every forward pass: student, decoder, teacher, losses), the loss and
-its gradient, and for distillation the teacher's forward alone; the differences
-give the backward pass and the optimizer update. --profile_dir writes a
+its gradient (their difference is the backward pass), for distillation the
+teacher's forward alone, and the optimizer update alone
+(`mim_jax/step_breakdown.py`). --profile_dir writes a
 `jax.profiler` trace of the timed steps (TensorBoard's profile plugin / xprof, or
 the `*.trace.json.gz` in https://ui.perfetto.dev).
 """
@@ -55,7 +56,7 @@ _TORCH = flags.DEFINE_bool("torch", False, "Also time the PyTorch (timm) version
 _TORCH_DEVICE = flags.DEFINE_enum("torch_device", "cpu", ["cpu", "cuda"],
                                   "Where --torch runs the PyTorch step.")
 _BREAKDOWN = flags.DEFINE_bool("breakdown", False,
-                               "Also time the forward, forward+backward and teacher alone.")
+                               "Also time the forward, backward, teacher and optimizer alone.")
 _PROFILE_DIR = flags.DEFINE_string("profile_dir", None,
                                    "Write a jax.profiler trace of the timed steps here.")
 flags.mark_flags_as_required(["config"])
