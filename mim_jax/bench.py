@@ -43,7 +43,6 @@ from ml_collections import config_flags
 from mim_jax import cli
 from mim_jax.data import pipeline
 from mim_jax.step_breakdown import breakdown, median_seconds
-from mim_jax.tasks.distill import DistillationTask
 from mim_jax.tasks.registry import build_task
 from mim_jax.trainer import loop, sharding
 
@@ -67,7 +66,7 @@ def bench_task(config):
   if config.task in ("dmae", "d2mae") and not config.distill.teacher:
     print(f"distill.teacher unset: timing with a randomly initialised "
           f"ViT-{config.distill.teacher_variant} teacher")
-    return DistillationTask(config, random_teacher=True)
+    return build_task(config, random_teacher=True)
   return build_task(config)
 
 

@@ -16,7 +16,8 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from mim_jax.models.vit import VARIANTS, encoder_kwargs
+from mim_jax.models.vit import VARIANTS
+from mim_jax.models.vit_backbone import shape_of
 
 
 def _torch():
@@ -44,14 +45,14 @@ def build_step(config: ml_collections.ConfigDict, device: str = "cpu"):
   from timm.models.vision_transformer import Block, VisionTransformer
 
   model_cfg = config.model
-  enc = encoder_kwargs(model_cfg.variant or None, width=model_cfg.width, depth=model_cfg.depth,
-                       num_heads=model_cfg.num_heads)
+  enc = shape_of(model_cfg.variant or None, width=model_cfg.width, depth=model_cfg.depth,
+                 num_heads=model_cfg.num_heads)
   patch, size = model_cfg.patch_size, config.image_size
   num_patches = (size // patch)**2
   keep = int(num_patches * (1 - config.mask_ratio))
   distilled = config.task in ("dmae", "d2mae")
-  extra = bool(model_cfg.get("extra_attention_block")) and distilled
-  decoder_layer = model_cfg.get("decoder_layer") or enc["depth"]
+  extra = distilled and bool(config.distill.extra_attention_block)
+  decoder_layer = config.mae.decoder_layer or enc["depth"]
 
   def vit(width, depth, heads):
     model = VisionTransformer(img_size=size, patch_size=patch, embed_dim=width, depth=depth,
@@ -85,7 +86,7 @@ def build_step(config: ml_collections.ConfigDict, device: str = "cpu"):
         self.extra.attn.qkv = nn.Linear(enc["width"], 3 * enc["width"])
         self.extra.attn.num_heads = enc["num_heads"]
         self.extra.attn.scale = (enc["width"] // enc["num_heads"])**-0.5
-      dec = model_cfg.decoder
+      dec = config.mae.decoder
       self.decoder_embed = nn.Linear(enc["width"], dec.width)
       self.mask_token = nn.Parameter(torch.zeros(1, 1, dec.width))
       self.decoder_pos = nn.Parameter(torch.zeros(1, num_patches + 1, dec.width),
@@ -148,7 +149,7 @@ def build_step(config: ml_collections.ConfigDict, device: str = "cpu"):
     mask = torch.gather(mask, 1, ids_restore)
     pred, logits = student(images, ids_keep, ids_restore, {s for s, _ in pairs})
     target = patchify(images)
-    if config.norm_pix_loss:
+    if config.mae.norm_pix_loss:
       mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
       target = (target - mean) / (var + 1e-6)**0.5
     loss = (((pred - target)**2).mean(-1) * mask).sum() / mask.sum()

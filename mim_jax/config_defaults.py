@@ -1,15 +1,43 @@
 """Defaults shared by the files in configs/: each recipe starts from `base_config()`."""
 
+from typing import Any
+
 import ml_collections
 from ml_collections import config_dict
 
 from mim_jax.data.sources import default_data_config
 
 
-def base_config() -> ml_collections.ConfigDict:
-  """Every key a pre-training config has, with MAE ViT-Tiny's ImageNet-1K values."""
+def vit_model_config(**overrides: Any) -> ml_collections.ConfigDict:
+  """`config.model` of a ViT backbone (models/vit_backbone.py), ViT-Tiny by default."""
+  model = ml_collections.ConfigDict(dict(
+      name="vit",  # the backbone (models/registry.py)
+      variant="tiny",  # tiny | small | base | large; width/depth/num_heads override it
+      patch_size=16,
+      width=config_dict.placeholder(int),
+      depth=config_dict.placeholder(int),
+      num_heads=config_dict.placeholder(int),
+      mlp_ratio=4.0,
+      dtype="float32",  # compute dtype: float32 | bfloat16 (TPU/GPU); params stay float32
+      remat="none",  # none | block | block_dots: recompute block activations in backward
+      scan_blocks=False,  # nn.scan over the blocks (checkpoints keep blocks_{i} either way)
+      # explicit | xla | cudnn: attention of blocks whose logits nobody reads (the
+      # decoder, a teacher below its distilled layer, undistilled student blocks, every
+      # block of a classifier); cudnn = cuDNN flash attention (GPU, bfloat16)
+      attention_impl="explicit",
+  ))
+  model.update(overrides)
+  return model
+
+
+def pretrain_config(task: str) -> ml_collections.ConfigDict:
+  """The keys every masked-image-modeling pre-training shares, with MAE-Lite's ImageNet values.
+
+  Each method adds its own sub-tree (`config.mae`, `config.distill`, `config.simmim`,
+  ...) and sets its recipe; `mask_ratio` is every masking method's.
+  """
   config = ml_collections.ConfigDict()
-  config.task = "mae"
+  config.task = task
   config.seed = 0
 
   # Length: set total_steps, or leave it unset and set total_epochs (the other is derived).
@@ -21,38 +49,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   config.image_size = 224
   config.mask_ratio = 0.75
-  config.norm_pix_loss = True
-
-  config.model = ml_collections.ConfigDict(dict(
-      variant="tiny",  # tiny | small | base | large; width/depth/num_heads override it
-      patch_size=16,
-      width=config_dict.placeholder(int),
-      depth=config_dict.placeholder(int),
-      num_heads=config_dict.placeholder(int),
-      mlp_ratio=4.0,
-      dtype="float32",  # compute dtype: float32 | bfloat16 (TPU/GPU); params stay float32
-      remat="none",  # none | block | block_dots: recompute block activations in backward
-      scan_blocks=False,  # nn.scan over the blocks (checkpoints keep blocks_{i} either way)
-      # explicit | xla | cudnn: attention of blocks whose logits nobody reads (the
-      # decoder, the teacher below its distilled layer, undistilled student blocks);
-      # cudnn = cuDNN flash attention (GPU, bfloat16)
-      attention_impl="explicit",
-      decoder=dict(width=96, depth=1, num_heads=3,
-                   dtype=config_dict.placeholder(str)),  # None = model.dtype
-      decoder_layer=config_dict.placeholder(int),  # decoder reads this block; None = last
-      extra_attention_block=False,  # D²-MAE's attention-only block depth + 1
-  ))
-  # Distillation from a frozen teacher (tasks dmae / d2mae; must stay unset for mae).
-  config.distill = ml_collections.ConfigDict(dict(
-      teacher="",  # converted .npz (python -m mim_jax.convert from_torch) or a mim_jax workdir
-      teacher_variant="base",  # the architecture the teacher must have; "" accepts any
-      attn_pairs=((12, 12),),  # (student layer, teacher layer), 1-based
-      attn_weight=1.0,  # alpha
-      hidden_pairs=(),  # (student layer, teacher layer), 0 = embeddings; empty = off
-      hidden_weight=1.0,
-      teacher_dtype=config_dict.placeholder(str),  # compute dtype; None = model.dtype
-      teacher_scan_blocks=False,  # nn.scan over the teacher's blocks (no remat: forward only)
-  ))
+  config.model = vit_model_config()
   config.optimizer = ml_collections.ConfigDict(dict(
       base_lr=1.5e-4,  # lr = base_lr * batch_size / 256
       end_lr=0.0,
@@ -71,6 +68,14 @@ def base_config() -> ml_collections.ConfigDict:
   config.checkpoint_every = 1000
   config.keep_checkpoints = 3
   config.image_every = 5000  # reconstruction PNG every N steps (and at the end); 0 = never
+  return config
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """MAE ViT-Tiny's ImageNet-1K recipe (MAE-Lite): the shared keys plus `config.mae`."""
+  from mim_jax.tasks import mae  # pylint: disable=g-import-not-at-top
+  config = pretrain_config("mae")
+  config.mae = mae.default_config()
   return config
 
 
@@ -96,7 +101,6 @@ def demo_overrides(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   laptop_schedule(config)
   config.optimizer.base_lr = 1.5e-4 * 8
   config.image_every = 100
-  config.distill.teacher_variant = ""  # a demo teacher is whatever mim_jax run you give
   return config
 
 
@@ -111,18 +115,22 @@ def recipe(arg: str | None) -> ml_collections.ConfigDict:
 
 def distillation_overrides(config: ml_collections.ConfigDict, *,
                            decoupled: bool) -> ml_collections.ConfigDict:
-  """D-MAE (method.md §3) or, with `decoupled`, D²-MAE (§4) on top of an MAE recipe.
+  """D-MAE or, with `decoupled`, D²-MAE on top of an MAE recipe (docs/methods.md).
 
   D-MAE: student layer 12's attention logits <-> teacher layer 12, alpha 1.
   D²-MAE: a 13th attention-only block distilled to teacher layer 12; the decoder
   reads block 8.
   """
+  from mim_jax.tasks import distill  # pylint: disable=g-import-not-at-top
   depth = config.model.depth or 12
   config.task = "d2mae" if decoupled else "dmae"
-  config.model.extra_attention_block = decoupled
-  config.model.decoder_layer = 8 if decoupled else None
+  config.distill = distill.default_config()
+  config.distill.extra_attention_block = decoupled
+  config.mae.decoder_layer = 8 if decoupled else None
   config.distill.attn_pairs = ((depth + 1, 12),) if decoupled else ((depth, 12),)
   config.distill.attn_weight = 1.0
+  if config.data.kind == "demo":
+    config.distill.teacher_variant = ""  # a demo teacher is whatever mim_jax run you give
   return config
 
 
@@ -142,18 +150,10 @@ def finetune_config() -> ml_collections.ConfigDict:
   config.image_size = 224
   config.num_classes = 1000
 
-  config.model = ml_collections.ConfigDict(dict(
-      variant="tiny", patch_size=16, width=config_dict.placeholder(int),
-      depth=config_dict.placeholder(int), num_heads=config_dict.placeholder(int),
-      mlp_ratio=4.0, dtype="float32",  # compute dtype: float32 | bfloat16; params float32
-      remat="none",  # none | block | block_dots
-      scan_blocks=False,  # nn.scan over the blocks (checkpoints keep blocks_{i} either way)
-      # explicit | xla | cudnn: every block's attention (a classifier reads no logits)
-      # through jax.nn.dot_product_attention; cudnn = cuDNN flash attention (GPU, bf16)
-      attention_impl="explicit",
+  config.model = vit_model_config(
       pool="gap",  # global average pooling of patch tokens + fc_norm; 'cls' = cls token
       drop_path_rate=0.0,
-  ))
+  )
   config.optimizer = ml_collections.ConfigDict(dict(
       name="adamw", base_lr=1e-3, end_lr=1e-6, b1=0.9, b2=0.999, weight_decay=0.05,
       momentum=0.9,  # sgd only

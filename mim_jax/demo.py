@@ -34,7 +34,7 @@ from ml_collections import config_flags
 from mim_jax import cli, config_defaults
 from mim_jax.convert import converted
 from mim_jax.data import sources
-from mim_jax.tasks import probe
+from mim_jax.analysis import quick_probe
 from mim_jax.tasks.registry import build_task
 from mim_jax.trainer import loop
 
@@ -63,7 +63,7 @@ def student_config(teacher: ml_collections.ConfigDict, teacher_dir: str, method:
   config.model.update(variant="", width=width, num_heads=num_heads, depth=depth)
   if method == "d2mae":
     config = config_defaults.distillation_overrides(config, decoupled=True)
-    config.model.decoder_layer = max(1, round(depth * 2 / 3))  # block 8 of 12
+    config.mae.decoder_layer = max(1, round(depth * 2 / 3))  # block 8 of 12
     config.distill.attn_pairs = ((depth + 1, depth),)
     config.distill.teacher = teacher_dir
     config.distill.teacher_variant = ""
@@ -133,7 +133,7 @@ def evaluate_students(configs: dict[str, ml_collections.ConfigDict], workdir: st
     init = "" if name == "scratch" else source
     ft = finetune_config(student, data_dir, init, finetune_steps)
     logging.info("=== Evaluating %s on the digits", name)
-    probes = probe.quick_probe(source, ft.data, ft.image_size)
+    probes = quick_probe.quick_probe(source, ft.data, ft.image_size)
     lp = linear_probe_config(student, data_dir, init, probe_steps)
     lp_dir = os.path.join(workdir, f"linear_probe_{name}")
     loop.train(lp, lp_dir, build_task(lp))

@@ -14,8 +14,9 @@ import optax
 
 from mim_jax import masking
 from mim_jax.errors import ConfigError
-from mim_jax.tasks.distill import DistillationTask, teacher_forward
-from mim_jax.tasks.pretrain import MaePretrainTask, normalize_images
+from mim_jax.tasks.base import TRAIN_STATE_KEYS, normalize_images
+from mim_jax.tasks.distill import teacher_forward
+from mim_jax.tasks.mae import MaeTask
 
 
 def median_seconds(run: Callable[[], Any], steps: int) -> float:
@@ -40,21 +41,25 @@ def breakdown(task, tx: optax.GradientTransformation, state: dict[str, Any], fro
   is what the whole step takes beyond the sum of its pieces (negative when the
   whole is faster).
   """
-  if not isinstance(task, MaePretrainTask):
+  if not isinstance(task, MaeTask):
     raise ConfigError(f"--breakdown times pre-training steps; task={task.config.task!r} is not one")
   params, rng = state["params"], jax.random.PRNGKey(0)
+  extra = {k: v for k, v in state.items() if k not in TRAIN_STATE_KEYS}
   loss = jax.jit(task.loss_fn)
   loss_and_grad = jax.jit(jax.value_and_grad(task.loss_fn, has_aux=True))
-  forward_s = median_seconds(lambda: loss(params, frozen, batch, rng), steps)
-  forward_backward_s = median_seconds(lambda: loss_and_grad(params, frozen, batch, rng), steps)
+  forward_s = median_seconds(lambda: loss(params, extra, frozen, batch, rng), steps)
+  forward_backward_s = median_seconds(lambda: loss_and_grad(params, extra, frozen, batch, rng),
+                                      steps)
   times = {"forward": forward_s}
-  if isinstance(task, DistillationTask):
+  if task.distiller is not None:
 
     def teacher_only(frozen, batch, rng):
       images = normalize_images(batch["image"])
       mask = masking.mask_from_noise(task.masking_noise(rng, images.shape[0]),
                                      task.config.mask_ratio)
-      return teacher_forward(task.teacher, frozen["teacher"], images, mask.ids_keep, task.spec)
+      distiller = task.distiller
+      return teacher_forward(distiller.teacher, frozen["teacher"], images, mask.ids_keep,
+                             distiller.spec)
 
     teacher = jax.jit(teacher_only)
     teacher_s = median_seconds(lambda: teacher(frozen, batch, rng), steps)

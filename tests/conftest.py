@@ -20,7 +20,7 @@ def tiny_config():
   config = config_defaults.demo_overrides(config_defaults.base_config())
   config.image_size = 32
   config.model.update(variant="", patch_size=8, width=32, depth=2, num_heads=4)
-  config.model.decoder.update(width=16, depth=1, num_heads=2)
+  config.mae.decoder.update(width=16, depth=1, num_heads=2)
   config.batch_size = 16
   config.total_steps = 6
   config.warmup_steps = 2
@@ -64,10 +64,9 @@ def tiny_distill_config(teacher_path, *, d2=True):
   D²-MAE: a 2-block student plus the attention-only block 3 (distilled to teacher
   layer 3), decoder on block 1. D-MAE: student layer 2 <-> teacher layer 3.
   """
-  config = tiny_config()
-  config.task = "d2mae" if d2 else "dmae"
-  config.model.extra_attention_block = d2
-  config.model.decoder_layer = 1 if d2 else None
+  from mim_jax import config_defaults
+  config = config_defaults.distillation_overrides(tiny_config(), decoupled=d2)
+  config.mae.decoder_layer = 1 if d2 else None
   config.distill.teacher = str(teacher_path)
   config.distill.teacher_variant = ""
   config.distill.attn_pairs = ((3, 3),) if d2 else ((2, 3),)

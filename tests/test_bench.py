@@ -22,7 +22,7 @@ def torch_fixture():
 def configs(tmp_path):
   mae = tiny_config()
   d2mae = config_defaults.distillation_overrides(tiny_config(), decoupled=True)
-  d2mae.model.decoder_layer = 1
+  d2mae.mae.decoder_layer = 1
   d2mae.distill.attn_pairs = ((3, 2),)
   d2mae.distill.teacher = make_teacher(tmp_path / "teacher.npz", width=48, depth=2,
                                        num_heads=6)

@@ -10,7 +10,6 @@ import pytest
 from ml_collections import config_flags
 
 from conftest import make_teacher
-from mim_jax.tasks.distill import DistillationTask
 from mim_jax.tasks.registry import build_task
 from mim_jax.trainer import loop
 
@@ -36,7 +35,7 @@ def test_config_builds_and_demo_runs_one_step(path, tmp_path):
   full = load(path, FULL_ARGS.get(os.path.basename(path)))
   distilled = full.task in ("dmae", "d2mae")
   # Validates the full recipe and builds its model (a teacher file is the user's to give).
-  task = DistillationTask(full, random_teacher=True) if distilled else build_task(full)
+  task = build_task(full, random_teacher=True) if distilled else build_task(full)
   assert task.num_patches == (full.image_size // full.model.patch_size) ** 2
   demo = load(path, "demo")
   demo.lock()

@@ -84,8 +84,7 @@ def timm_outputs(model, x):
 
 
 def mim_model(arch):
-  return VisionTransformer(**converted.encoder_kwargs(arch),
-                           extra_attention_block=arch["extra_attention_block"])
+  return converted.build_encoder(arch, extra_attention_block=arch["extra_attention_block"])
 
 
 def mim_outputs(arch, params, x, **kwargs):

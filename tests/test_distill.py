@@ -231,7 +231,8 @@ def test_distillation_loss_and_gradients_match_torch_reference(tmp_path, d2):
 def test_d2mae_reconstruction_ignores_blocks_after_the_decoder_layer(teacher_path):
   # The paper's layout, narrow: 12 blocks + the attention-only 13th, decoder on block 8.
   config = tiny_distill_config(teacher_path)
-  config.model.update(depth=12, decoder_layer=8)
+  config.model.update(depth=12)
+  config.mae.decoder_layer = 8
   config.distill.attn_pairs = ((13, 3),)
   task = build_task(config)
   params = perturbed_params(task)
@@ -291,7 +292,7 @@ def test_teacher_is_frozen_no_gradient_no_optimizer_state(teacher_path):
   # Gradient of the loss w.r.t. the teacher's params is exactly zero (stop_gradient).
   rng = jax.random.PRNGKey(0)
   teacher_grads = jax.jit(jax.grad(
-      lambda f: task.loss_fn(moved, f, {"image": images}, rng)[0]))(loaded)
+      lambda f: task.loss_fn(moved, {}, f, {"image": images}, rng)[0]))(loaded)
   assert not any(np.any(g) for g in jax.tree.leaves(teacher_grads))
 
 
@@ -377,8 +378,8 @@ def test_bad_distillation_configs_are_clear_errors(tmp_path, teacher_path):
   assert "no distill.attn_pairs entry distils it" in error_of(
       lambda c: c.distill.update(attn_pairs=((2, 3),)))
   assert "use task='d2mae'" in error_of(lambda c: c.update(task="dmae"))
-  assert "needs model.extra_attention_block" in error_of(
-      lambda c: c.model.update(extra_attention_block=False))
+  assert "needs distill.extra_attention_block" in error_of(
+      lambda c: c.distill.update(extra_attention_block=False))
   junk = tmp_path / "junk.npz"
   junk.write_bytes(b"not a zip")
   assert "is not a converted .npz" in error_of(lambda c: None, teacher=str(junk))
@@ -398,11 +399,11 @@ def test_teacher_file_of_the_wrong_shape_lists_the_leaves(tmp_path):
 
 
 def test_mae_task_rejects_distillation_settings(tiny_config, teacher_path):
-  tiny_config.distill.teacher = teacher_path
+  distilled = tiny_distill_config(teacher_path)
+  distilled.task = "mae"
   with pytest.raises(ConfigError, match="task='mae' has no teacher"):
-    build_task(tiny_config)
-  tiny_config.distill.teacher = ""
-  tiny_config.model.decoder_layer = 1
+    build_task(distilled)
+  tiny_config.mae.decoder_layer = 1
   with pytest.raises(ConfigError, match="untrained"):
     build_task(tiny_config)
 

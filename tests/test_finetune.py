@@ -13,7 +13,7 @@ from mim_jax import config_defaults
 from mim_jax.convert import load_converted
 from mim_jax.data.sources import DataError
 from mim_jax.errors import ConfigError
-from mim_jax.tasks.pretrain import normalize_images
+from mim_jax.tasks.base import normalize_images
 from mim_jax.tasks.registry import build_task
 from mim_jax.trainer import loop
 from mim_jax.trainer.tree import flatten_with_names

@@ -37,7 +37,7 @@ def test_distillation_train_flops_close_to_xla_cost_analysis(tmp_path):
   params = task.init_params(jax.random.PRNGKey(0))
   batch = {"image": jnp.zeros((2, 224, 224, 3), jnp.uint8)}
   compiled = jax.jit(jax.value_and_grad(task.loss_fn, has_aux=True)).lower(
-      params, task.load_frozen()[0], batch, jax.random.PRNGKey(0)).compile()
+      params, {}, task.load_frozen()[0], batch, jax.random.PRNGKey(0)).compile()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
   per_image = cost["flops"] / 2

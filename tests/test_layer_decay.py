@@ -16,6 +16,7 @@ import pytest
 
 from mim_jax.errors import ConfigError
 from mim_jax.models.vit import VisionTransformer
+from mim_jax.models.vit_backbone import VIT
 from mim_jax.trainer import optim
 from mim_jax.trainer.tree import flatten_with_names
 
@@ -65,14 +66,14 @@ def test_lr_scales_equal_the_formula_for_every_leaf():
   shapes = {timm_name(k): v.shape for k, v in flatten_with_names(params).items()}
   want = mae_param_groups(shapes, DECAY, DEPTH)
   for tree, prefix in [(params, ""), ({"encoder": params}, "encoder/")]:
-    scales = flatten_with_names(optim.layerwise_lr_scales(tree, DEPTH, DECAY))
+    scales = flatten_with_names(optim.layerwise_lr_scales(tree, DEPTH, DECAY, VIT.layer_id))
     assert len(scales) == len(want) == len(jax.tree.leaves(params))
     for path, scale in scales.items():
       assert isinstance(scale, float)
       name = timm_name(path[len(prefix):])
       assert scale == pytest.approx(want[name][0], rel=1e-12), path
-      assert optim.layer_id(path, DEPTH) == mae_layer_id(name, DEPTH + 1), path
-  scales = flatten_with_names(optim.layerwise_lr_scales(params, DEPTH, DECAY))
+      assert VIT.layer_id(path, DEPTH) == mae_layer_id(name, DEPTH + 1), path
+  scales = flatten_with_names(optim.layerwise_lr_scales(params, DEPTH, DECAY, VIT.layer_id))
   # The literal values at the ends: head 1, last block decay, embeddings decay^13.
   assert scales["head/kernel"] == scales["fc_norm/scale"] == 1.0
   assert scales["blocks_11/mlp/fc2/bias"] == pytest.approx(DECAY)
@@ -83,20 +84,20 @@ def test_lr_scales_equal_the_formula_for_every_leaf():
 
 def test_layer_id_paths_and_errors():
   for prefix in ("", "encoder/", "params/encoder/", "params/"):
-    assert optim.layer_id(prefix + "patch_embed/proj/kernel", 12) == 0
-    assert optim.layer_id(prefix + "cls_token", 12) == 0
-    assert optim.layer_id(prefix + "pos_embed", 12) == 0
-    assert optim.layer_id(prefix + "blocks_0/norm1/scale", 12) == 1
-    assert optim.layer_id(prefix + "blocks_11/mlp/fc1/kernel", 12) == 12
+    assert VIT.layer_id(prefix + "patch_embed/proj/kernel", 12) == 0
+    assert VIT.layer_id(prefix + "cls_token", 12) == 0
+    assert VIT.layer_id(prefix + "pos_embed", 12) == 0
+    assert VIT.layer_id(prefix + "blocks_0/norm1/scale", 12) == 1
+    assert VIT.layer_id(prefix + "blocks_11/mlp/fc1/kernel", 12) == 12
     for rest in ("norm/scale", "fc_norm/bias", "head/kernel", "something/else"):
-      assert optim.layer_id(prefix + rest, 12) == 13
-  assert optim.layer_id("decoder/blocks_0/attn/qkv/kernel", 12) == 13  # not the encoder's
+      assert VIT.layer_id(prefix + rest, 12) == 13
+  assert VIT.layer_id("decoder/blocks_0/attn/qkv/kernel", 12) == 13  # not the encoder's
   with pytest.raises(ConfigError, match="depth"):
-    optim.layer_id("encoder/blocks_12/attn/qkv/kernel", 12)  # D²-MAE's 13th block
+    VIT.layer_id("encoder/blocks_12/attn/qkv/kernel", 12)  # D²-MAE's 13th block
   for depth, decay in [(0, 0.75), (12, 0.0), (12, 1.5)]:
     with pytest.raises(ConfigError):
-      optim.layerwise_lr_scales({"head": {"bias": jnp.zeros(2)}}, depth, decay)
-  ones = optim.layerwise_lr_scales(vit_tiny_params(), DEPTH, 1.0)
+      optim.layerwise_lr_scales({"head": {"bias": jnp.zeros(2)}}, depth, decay, VIT.layer_id)
+  ones = optim.layerwise_lr_scales(vit_tiny_params(), DEPTH, 1.0, VIT.layer_id)
   assert set(jax.tree.leaves(ones)) == {1.0}
 
 
@@ -135,7 +136,8 @@ def test_matches_timm_param_groups_layer_decay():
   want = {name: by_param[id(p)] for name, p in model.named_parameters()}
   params = vit_tiny_params()
   scales = {timm_name(k): v for k, v in
-            flatten_with_names(optim.layerwise_lr_scales(params, DEPTH, DECAY)).items()}
+            flatten_with_names(optim.layerwise_lr_scales(params, DEPTH, DECAY,
+                                                         VIT.layer_id)).items()}
   mask = {timm_name(k): v for k, v in
           flatten_with_names(optim.finetune_weight_decay_mask(params)).items()}
   assert set(scales) == set(want)
@@ -199,7 +201,8 @@ def run_optax(params, grads):
   tree = nest({k: jnp.asarray(v) for k, v in params.items()})
   tx = optim.adamw_layerwise(schedule, b1=B1, b2=B2, weight_decay=WD, eps=EPS,
                              decay_mask=optim.finetune_weight_decay_mask(tree),
-                             lr_scales=optim.layerwise_lr_scales(tree, SMALL_DEPTH, SMALL_DECAY))
+                             lr_scales=optim.layerwise_lr_scales(tree, SMALL_DEPTH, SMALL_DECAY,
+                                                                 VIT.layer_id))
   state = tx.init(tree)
 
   @jax.jit

@@ -135,8 +135,8 @@ def test_probe_steps_leave_the_encoder_bit_identical(tmp_path, pretrained_dir, p
   assert np.isfinite(float(metrics["loss"]))
   # And the loss has no gradient into the encoder, not merely an unused one.
   encoder_grad = jax.grad(lambda enc: task.loss_fn(
-      state["params"], {"encoder": enc}, batch, jax.random.PRNGKey(0),
-      state["model_state"])[0])(frozen["encoder"])
+      state["params"], {"model_state": state["model_state"]}, {"encoder": enc}, batch,
+      jax.random.PRNGKey(0))[0])(frozen["encoder"])
   assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(encoder_grad))
 
 

@@ -36,10 +36,10 @@ def tiny_flags(demo_dir, method="mae", teacher=None, **overrides):
   values = {"image_size": 32, "batch_size": 16, "total_steps": STEPS, "warmup_steps": 2,
             "log_every": 1, "checkpoint_every": 3, "image_every": 0, "model.variant": "",
             "model.patch_size": 8, "model.width": 32, "model.depth": 2, "model.num_heads": 4,
-            "model.decoder.width": 16, "model.decoder.num_heads": 2, "data.worker_count": 0,
+            "mae.decoder.width": 16, "mae.decoder.num_heads": 2, "data.worker_count": 0,
             "data.data_dir": demo_dir, "mesh.fsdp_min_size": 64}
   if method == "d2mae":  # conftest.tiny_distill_config: block 3 distilled to teacher layer 3
-    values.update({"model.decoder_layer": 1, "distill.teacher": teacher,
+    values.update({"mae.decoder_layer": 1, "distill.teacher": teacher,
                    "distill.attn_pairs": "((3,3),)"})
   values.update(overrides)
   config = os.path.join(REPO, "configs", f"{method}_vit_tiny.py")

@@ -200,9 +200,9 @@ def test_bf16_mae_matches_fp32_and_keeps_params_loss_and_grads_fp32():
   assert all_fp32(jax.eval_shape(bf16.init_params, jax.random.PRNGKey(0)))
   params = random_params(bf16.init_params)
   batch, rng = batch_of(fp32), jax.random.PRNGKey(1)
-  loss32, _ = run_jitted(fp32.loss_fn, params, {}, batch, rng)
-  (loss16, terms16), grads16 = run_jitted(jax.value_and_grad(bf16.loss_fn, has_aux=True),
-                                          params, {}, batch, rng)
+  loss32, _ = run_jitted(fp32.loss_fn, params, {}, {}, batch, rng)
+  (loss16, (terms16, _)), grads16 = run_jitted(jax.value_and_grad(bf16.loss_fn, has_aux=True),
+                                          params, {}, {}, batch, rng)
   assert loss16.dtype == jnp.float32 and all_fp32(terms16) and all_fp32(grads16)
   np.testing.assert_allclose(loss16, loss32, rtol=2e-2)
   assert loss16 != loss32  # bfloat16 really ran
@@ -219,13 +219,13 @@ def test_bf16_mae_matches_fp32_and_keeps_params_loss_and_grads_fp32():
 
 def test_bf16_d2mae_terms_match_fp32_with_a_separate_teacher_dtype(teacher_path):
   fp32, bf16 = task_pair(tiny_distill_config(teacher_path), teacher_dtype="float32")
-  assert bf16.teacher.dtype == jnp.float32 and bf16.model.encoder.dtype == jnp.bfloat16
-  assert bf16.model.decoder.dtype == jnp.bfloat16  # model.decoder.dtype unset: model.dtype
+  assert bf16.distiller.teacher.dtype == jnp.float32 and bf16.model.encoder.dtype == jnp.bfloat16
+  assert bf16.model.decoder.dtype == jnp.bfloat16  # mae.decoder.dtype unset: model.dtype
   params = random_params(fp32.init_params)
   frozen, _ = fp32.load_frozen()
   batch, rng = batch_of(fp32), jax.random.PRNGKey(1)
-  loss32, terms32 = run_jitted(fp32.loss_fn, params, frozen, batch, rng)
-  loss16, terms16 = run_jitted(bf16.loss_fn, params, frozen, batch, rng)
+  loss32, (terms32, _) = run_jitted(fp32.loss_fn, params, {}, frozen, batch, rng)
+  loss16, (terms16, _) = run_jitted(bf16.loss_fn, params, {}, frozen, batch, rng)
   assert set(terms16) == {"loss_rec", "loss_attn"}
   assert loss16.dtype == jnp.float32 and all_fp32(terms16)
   for name in terms32:
@@ -240,7 +240,7 @@ def test_d2mae_train_step_with_scan_and_remat_equals_the_unrolled_step(teacher_p
   config = tiny_distill_config(teacher_path)
   config.model.depth = 3
   config.distill.attn_pairs = ((4, 3),)
-  config.model.decoder_layer = 2
+  config.mae.decoder_layer = 2
   plain = build_task(config)
   config = config.copy_and_resolve_references()
   config.model.update(scan_blocks=True, remat="block")
@@ -260,7 +260,7 @@ def test_d2mae_train_step_with_scan_and_remat_equals_the_unrolled_step(teacher_p
            "rng": jax.random.PRNGKey(3)}
   batch = batch_of(plain)
   (new, metrics), (new_scanned, metrics_scanned) = [
-      run_jitted(loop.make_train_step(task.loss_fn, tx, schedule), state, frozen, batch)
+      run_jitted(loop.make_train_step(task, tx, schedule), state, frozen, batch)
       for task in (plain, scanned)]
   assert metrics["loss_attn"] > 0
   assert_trees_close(metrics_scanned, metrics, **SCAN_TOL)
@@ -277,7 +277,7 @@ def test_fused_attention_runs_only_where_logits_are_unread_and_changes_nothing(
   config = tiny_distill_config(teacher_path)
   config.model.depth = 3
   config.distill.attn_pairs = ((4, 3),)  # the student's extra block <- teacher block 3
-  config.model.decoder_layer = 2
+  config.mae.decoder_layer = 2
   explicit = build_task(config)
   config = config.copy_and_resolve_references()
   config.model.attention_impl = "xla"
@@ -299,7 +299,7 @@ def test_fused_attention_runs_only_where_logits_are_unread_and_changes_nothing(
            "rng": jax.random.PRNGKey(3)}
   frozen, _ = explicit.load_frozen()
   batch = batch_of(explicit)
-  step = lambda task: run_jitted(loop.make_train_step(task.loss_fn, tx, schedule), state,
+  step = lambda task: run_jitted(loop.make_train_step(task, tx, schedule), state,
                                  frozen, batch)
   new, metrics = step(explicit)
   assert not fused_calls

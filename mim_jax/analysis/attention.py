@@ -26,7 +26,7 @@ from absl import logging
 
 from mim_jax.analysis import inputs
 from mim_jax.errors import UserError
-from mim_jax.tasks.pretrain import normalize_images
+from mim_jax.tasks.base import normalize_images
 
 
 def patch_distances(grid: int, patch_size: int) -> np.ndarray:

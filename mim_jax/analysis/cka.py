@@ -31,7 +31,7 @@ from absl import logging
 
 from mim_jax.analysis import inputs
 from mim_jax.errors import UserError
-from mim_jax.tasks.pretrain import normalize_images
+from mim_jax.tasks.base import normalize_images
 
 MIN_BATCH = 4  # HSIC_u divides by n (n - 3)
 

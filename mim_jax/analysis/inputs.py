@@ -20,13 +20,14 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from mim_jax import config_upgrade
 from mim_jax.convert import converted
 from mim_jax.data import pipeline
 from mim_jax.data.sources import default_data_config
 from mim_jax.errors import UserError
 from mim_jax.models.mae import MAEDecoder, MaskedAutoencoder
 from mim_jax.models.vit import VisionTransformer
-from mim_jax.tasks.probe import encoder_for
+from mim_jax.analysis.quick_probe import encoder_for
 from mim_jax.trainer import sharding
 
 Batch = dict[str, np.ndarray]
@@ -129,7 +130,7 @@ def _training_config(path: str) -> dict[str, Any] | None:
       return None
     meta = os.path.join(checkpoints, str(max(steps)), "meta", "metadata")
   with open(meta, encoding="utf-8") as f:
-    return json.loads(json.load(f)["config"])
+    return config_upgrade.upgrade(json.loads(json.load(f)["config"]))
 
 
 def load_autoencoder(path: str, image_size: int | None = None, *,
@@ -153,9 +154,9 @@ def load_autoencoder(path: str, image_size: int | None = None, *,
                     f"fine-tuned model), so it cannot reconstruct images; give a mim_jax "
                     f"pre-training workdir or a converted *_full.pth MAE checkpoint")
   config = _training_config(source.path) or {}
-  model_config = config.get("model", {})
+  mae_config = config.get("mae") or {}
   if decoder_layer is None:
-    decoder_layer = model_config.get("decoder_layer")
+    decoder_layer = mae_config.get("decoder_layer")
     if not config and arch["extra_attention_block"]:
       logging.warning("%s is a D²-MAE model: its decoder may read an inner block; set "
                       "decoder_layer (block 8 of 12 in the paper)", source.path)
@@ -163,7 +164,7 @@ def load_autoencoder(path: str, image_size: int | None = None, *,
     raise UserError(f"decoder_layer={decoder_layer} is outside the encoder's blocks "
                     f"1..{arch['depth']}")
   if norm_pix_loss is None:
-    norm_pix_loss = bool(config.get("norm_pix_loss", True))
+    norm_pix_loss = bool(mae_config.get("norm_pix_loss", True))
   size = _image_size(source, image_size)
   encoder, encoder_params = encoder_for(source, size)
   decoder = MAEDecoder(patch_size=arch["patch_size"], mlp_ratio=arch["mlp_ratio"],

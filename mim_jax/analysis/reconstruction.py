@@ -12,7 +12,8 @@ from mim_jax import masking
 from mim_jax.analysis import inputs
 from mim_jax.errors import UserError
 from mim_jax.objectives import reconstruction
-from mim_jax.tasks.pretrain import denormalize_images, mae_loss_terms, normalize_images
+from mim_jax.tasks.base import denormalize_images, normalize_images
+from mim_jax.tasks.mae import mae_loss_terms
 
 VIEWS = ("original", "masked", "reconstruction")
 

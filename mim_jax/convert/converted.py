@@ -22,6 +22,7 @@ from mim_jax.trainer.tree import flatten_with_names
 
 ARCH_KEY = "__arch__"
 ARCH_DEFAULTS: dict[str, Any] = {
+    "backbone": "vit",  # models.registry name; files written before it existed are ViTs
     "patch_size": 16,
     "image_size": 224,
     "width": None,
@@ -45,15 +46,15 @@ class Converted:
   sha256: str
   path: str
 
-  def encoder_kwargs(self) -> dict[str, Any]:
-    """Keyword arguments of `models.vit.VisionTransformer` for this encoder."""
-    return encoder_kwargs(self.arch)
+  def build_encoder(self, **role: Any) -> Any:
+    """The encoder module these weights belong to (its backbone's, `models.registry`)."""
+    return build_encoder(self.arch, **role)
 
 
-def encoder_kwargs(arch: dict[str, Any]) -> dict[str, Any]:
-  keys = ("patch_size", "width", "depth", "num_heads", "mlp_ratio", "posemb", "pool",
-          "num_classes")
-  return {k: arch[k] for k in keys}
+def build_encoder(arch: dict[str, Any], **role: Any) -> Any:
+  """The module an architecture description names (role: dtype, scan_blocks, ...)."""
+  from mim_jax.models import registry  # pylint: disable=g-import-not-at-top
+  return registry.get(arch.get("backbone", "vit")).build_from_arch(arch, **role)
 
 
 def check_arch(arch: dict[str, Any]) -> dict[str, Any]:
@@ -161,25 +162,23 @@ def _step_directory(path: str) -> str:
 
 def arch_from_config(config: dict[str, Any], source: str = "") -> dict[str, Any]:
   """The architecture of a pre-training or fine-tuning config (as stored in checkpoint
-  metadata): fine-tuned models have a learned position embedding, their pooling and
-  a head."""
-  from mim_jax.models.vit import encoder_kwargs as variant_kwargs  # pylint: disable=g-import-not-at-top
+  metadata, any version): fine-tuned models have a learned position embedding, their
+  pooling and a head."""
+  from mim_jax import config_upgrade  # pylint: disable=g-import-not-at-top
+  from mim_jax.models import registry  # pylint: disable=g-import-not-at-top
+  config = config_upgrade.upgrade(config)
   model = config["model"]
-  enc = variant_kwargs(model.get("variant") or None, width=model.get("width"),
-                       depth=model.get("depth"), num_heads=model.get("num_heads"))
-  decoder = model.get("decoder")
   finetuned = config.get("task") == "finetune"
-  return check_arch({
-      "patch_size": model["patch_size"], "image_size": config["image_size"],
-      "width": enc["width"], "depth": enc["depth"], "num_heads": enc["num_heads"],
-      "mlp_ratio": model.get("mlp_ratio", 4.0),
-      "posemb": "learn" if finetuned else "sincos", "pool": model.get("pool", "cls"),
-      "num_classes": config.get("num_classes", 0) if finetuned else 0,
-      "extra_attention_block": bool(model.get("extra_attention_block")),
-      "decoder": ({k: decoder[k] for k in ("width", "depth", "num_heads")}
-                  if decoder else None),
-      "source": source,
-  })
+  decoder = (config.get("mae") or {}).get("decoder")
+  arch = registry.get_backbone(model).arch(
+      model, config["image_size"], posemb="learn" if finetuned else "sincos",
+      pool=model.get("pool", "cls"),
+      num_classes=config.get("num_classes", 0) if finetuned else 0,
+      extra_attention_block=bool((config.get("distill") or {}).get("extra_attention_block")))
+  arch["decoder"] = ({k: decoder[k] for k in ("width", "depth", "num_heads")}
+                     if decoder else None)
+  arch["source"] = source
+  return check_arch(arch)
 
 
 def _read_training_checkpoint(path: str) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -36,7 +36,16 @@ import jax
 import jax.numpy as jnp
 
 from mim_jax.models import posembed
+from mim_jax.models.attention import (ATTENTION_IMPLS, QKV_BIASES, REL_POS_BIASES, Attention,
+                                      RelativePositionBias)
+from mim_jax.models.layers import (PARAM_DTYPE, WEIGHT_INITS, DropPath, LayerNorm, Mlp,
+                                   apply_drop_path, dense, layer_norm, patch_kernel_init,
+                                   token_init, token_init_for)
 from mim_jax.models.patches import patchify
+
+__all__ = ["ATTENTION_IMPLS", "Block", "DropPath", "LayerNorm", "PARAM_DTYPE", "REMAT_POLICIES",
+           "SCANNED_BLOCKS", "VARIANTS", "VisionTransformer", "block_class", "dense",
+           "layer_norm", "token_init"]
 
 VARIANTS = {
     # name: (width, depth, heads). ViT-Tiny uses 12 heads (MAE-Lite), not timm's 3.
@@ -45,9 +54,7 @@ VARIANTS = {
     "base": dict(width=768, depth=12, num_heads=12),
     "large": dict(width=1024, depth=24, num_heads=16),
 }
-
-PARAM_DTYPE = jnp.float32
-COMPUTE_DTYPES = ("float32", "bfloat16")
+POSEMBS = ("sincos", "learn", "none")
 # 'block': save only each block's input, recompute the rest; 'block_dots': also save the
 # outputs of the projections (qkv, proj, fc1, fc2), recompute attention and elementwise ops.
 REMAT_POLICIES = {
@@ -56,150 +63,20 @@ REMAT_POLICIES = {
     "block_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 SCANNED_BLOCKS = "scanned_blocks"
-# How a block whose attention logits nobody reads computes attention (a captured
-# block always uses "explicit": its logits are an output). "xla" and "cudnn" call
-# `jax.nn.dot_product_attention`, which never materialises the logits for the caller
-# and, with "cudnn" (GPU, bfloat16), runs cuDNN's fused flash-attention kernel.
-ATTENTION_IMPLS = ("explicit", "xla", "cudnn")
-
-# MAE init: xavier-uniform linear layers with zero bias; the patch projection is
-# xavier-uniform on its (width, 3*p*p) view, i.e. fan_out = width (not width*p*p).
-dense_init = nn.initializers.xavier_uniform()
-patch_init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=(0, 1, 2),
-                                              out_axis=3)
-token_init = nn.initializers.normal(stddev=0.02)
-
-
-def encoder_kwargs(variant: str | None = None, **overrides: Any) -> dict[str, Any]:
-  """Keyword arguments for `VisionTransformer`: a named variant plus overrides (None = keep)."""
-  kwargs: dict[str, Any] = {}
-  if variant:
-    if variant not in VARIANTS:
-      raise ValueError(f"unknown ViT variant {variant!r}; choose from {sorted(VARIANTS)}")
-    kwargs.update(VARIANTS[variant])
-  kwargs.update({k: v for k, v in overrides.items() if v is not None})
-  return kwargs
-
-
-def compute_dtype(name: str) -> Any:
-  """'float32' | 'bfloat16' -> the jnp dtype (float16 would need loss scaling)."""
-  if name not in COMPUTE_DTYPES:
-    raise ValueError(f"compute dtype {name!r} is not supported; choose from {COMPUTE_DTYPES}")
-  return jnp.dtype(name)
-
-
-class LayerNorm(nn.Module):
-  """PyTorch's LayerNorm (two-pass variance, statistics in float32), flax's param names.
-
-  Written out rather than `nn.LayerNorm(use_fast_variance=False)`: that flag made
-  the ViT-Tiny MAE step 1.7x slower on CPU (XLA), this is as fast as the fast one.
-  """
-  epsilon: float = 1e-6
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    width = x.shape[-1]
-    scale = self.param("scale", nn.initializers.ones, (width,), PARAM_DTYPE)
-    bias = self.param("bias", nn.initializers.zeros, (width,), PARAM_DTYPE)
-    x = x.astype(jnp.float32)
-    centred = x - x.mean(axis=-1, keepdims=True)
-    var = jnp.mean(centred * centred, axis=-1, keepdims=True)
-    return (centred * jax.lax.rsqrt(var + self.epsilon) * scale + bias).astype(self.dtype)
-
-
-def check_attention_impl(name: str) -> None:
-  if name not in ATTENTION_IMPLS:
-    raise ValueError(f"attention_impl={name!r} is unknown; choose from {ATTENTION_IMPLS}")
-
-
-def layer_norm(name: str, dtype: Any = jnp.float32) -> LayerNorm:
-  return LayerNorm(epsilon=1e-6, dtype=dtype, name=name)
-
-
-def dense(features: int, dtype: Any, name: str) -> nn.Dense:
-  return nn.Dense(features, kernel_init=dense_init, dtype=dtype, param_dtype=PARAM_DTYPE,
-                  name=name)
-
-
-class Attention(nn.Module):
-  """Multi-head self-attention with a fused qkv projection; also returns the logits.
-
-  The logits are float32 whatever `dtype` is. With `logits_only` it stops after the
-  scaled q k^T (D²-MAE's extra block has no output projection). With `impl` other
-  than "explicit" (`ATTENTION_IMPLS`) the softmax(q k^T / sqrt(d)) v product is
-  `jax.nn.dot_product_attention` and the returned logits are None.
-  """
-  num_heads: int
-  dtype: Any = jnp.float32
-  logits_only: bool = False
-  impl: str = "explicit"
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> tuple[jax.Array | None, jax.Array | None]:
-    batch, tokens, width = x.shape
-    if width % self.num_heads:
-      raise ValueError(f"width {width} is not divisible by num_heads {self.num_heads}")
-    head_dim = width // self.num_heads
-    qkv = dense(3 * width, self.dtype, "qkv")(x)
-    qkv = qkv.reshape(batch, tokens, 3, self.num_heads, head_dim)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    if self.impl != "explicit" and not self.logits_only:
-      out = jax.nn.dot_product_attention(q, k, v, implementation=self.impl)
-      return dense(width, self.dtype, "proj")(out.reshape(batch, tokens, width)), None
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-    logits = logits * jnp.float32(head_dim**-0.5)
-    if self.logits_only:
-      return None, logits
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(batch, tokens, width)
-    return dense(width, self.dtype, "proj")(out), logits
-
-
-class Mlp(nn.Module):
-  hidden: int
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    width = x.shape[-1]
-    x = dense(self.hidden, self.dtype, "fc1")(x)
-    x = nn.gelu(x, approximate=False)  # exact erf GELU, as PyTorch's nn.GELU
-    return dense(width, self.dtype, "fc2")(x)
-
-
-def apply_drop_path(x: jax.Array, keep: float | jax.Array, rng: jax.Array) -> jax.Array:
-  """Zeroes x per example with probability 1 - keep, scales the kept ones by 1 / keep.
-
-  `keep` may be traced (a scanned per-block input); keep = 1 returns x exactly.
-  """
-  shape = (x.shape[0],) + (1,) * (x.ndim - 1)
-  mask = jax.random.bernoulli(rng, keep, shape)
-  return jnp.where(mask, x / jnp.asarray(keep, x.dtype), jnp.zeros_like(x))
-
-
-class DropPath(nn.Module):
-  """Stochastic depth (timm's DropPath): zero a residual branch per example with
-  probability `rate`, scale the kept ones by 1 / (1 - rate). Uses `rng`, or the
-  'dropout' rng when none is given."""
-  rate: float
-
-  @nn.compact
-  def __call__(self, x: jax.Array, deterministic: bool,
-               rng: jax.Array | None = None) -> jax.Array:
-    if deterministic or self.rate == 0.0:
-      return x
-    return apply_drop_path(x, 1.0 - self.rate, self.make_rng("dropout") if rng is None else rng)
 
 
 class Block(nn.Module):
   """Pre-norm transformer block. Returns (output, attention logits, LN1(input)).
 
   The logits are None when `attention_impl` is not "explicit" (see `Attention`).
+  `layer_scale` (BEiT / SimMIM's `init_values`) multiplies each residual branch by a
+  learned per-channel `gamma_1` / `gamma_2` started at that value.
 
   `rng` (optional) is the block's stochastic-depth key (split between its two
   branches); `keep` (optional, traced) overrides `drop_path` with a keep
-  probability, for the scan over blocks where the rate differs per block.
+  probability, for the scan over blocks where the rate differs per block. `bias`
+  is the shared relative position bias (or None); `positions` the kept tokens'
+  indices for this block's own table.
   """
   num_heads: int
   mlp_ratio: float = 4.0
@@ -207,14 +84,22 @@ class Block(nn.Module):
   attention_only: bool = False
   drop_path: float = 0.0
   attention_impl: str = "explicit"
+  qkv_bias: str = "qkv"
+  rel_pos_grid: int = 0
+  layer_scale: float | None = None
+  weight_init: str = "mae"
+  index: int | None = None  # 0-based block index (SimMIM's rescaled init)
 
   @nn.compact
   def __call__(self, x: jax.Array, deterministic: bool = True, rng: jax.Array | None = None,
-               keep: jax.Array | None = None
+               keep: jax.Array | None = None, bias: jax.Array | None = None,
+               positions: jax.Array | None = None
                ) -> tuple[jax.Array, jax.Array | None, jax.Array]:
     normed = layer_norm("norm1", self.dtype)(x)
     attn_out, logits = Attention(self.num_heads, self.dtype, self.attention_only,
-                                 self.attention_impl, name="attn")(normed)
+                                 self.attention_impl, self.qkv_bias, self.rel_pos_grid,
+                                 self.weight_init, self.index, name="attn")(
+                                     normed, bias, positions)
     if self.attention_only:
       return x, logits, normed
     rngs = (None, None) if rng is None else tuple(jax.random.split(rng))
@@ -223,9 +108,16 @@ class Block(nn.Module):
       branch = lambda y, key: drop(y, deterministic, key)
     else:
       branch = lambda y, key: y if deterministic else apply_drop_path(y, keep, key)
-    x = x + branch(attn_out, rngs[0])
-    mlp = Mlp(int(x.shape[-1] * self.mlp_ratio), self.dtype, name="mlp")
-    x = x + branch(mlp(layer_norm("norm2", self.dtype)(x)), rngs[1])
+    width = x.shape[-1]
+    if self.layer_scale is not None:
+      gammas = [self.param(f"gamma_{i}", nn.initializers.constant(self.layer_scale), (width,),
+                           PARAM_DTYPE).astype(self.dtype) for i in (1, 2)]
+    else:
+      gammas = [None, None]
+    scale = lambda y, gamma: y if gamma is None else y * gamma
+    x = x + branch(scale(attn_out, gammas[0]), rngs[0])
+    mlp = Mlp(int(width * self.mlp_ratio), self.dtype, self.weight_init, self.index, name="mlp")
+    x = x + branch(scale(mlp(layer_norm("norm2", self.dtype)(x)), gammas[1]), rngs[1])
     return x, logits, normed
 
 
@@ -250,11 +142,12 @@ class PatchProjection(nn.Module):
   patch_size: int
   width: int
   dtype: Any = jnp.float32
+  weight_init: str = "mae"
 
   @nn.compact
   def __call__(self, patches: jax.Array) -> jax.Array:
-    kernel = self.param("kernel", patch_init, (self.patch_size, self.patch_size, 3, self.width),
-                        PARAM_DTYPE)
+    kernel = self.param("kernel", patch_kernel_init(self.weight_init),
+                        (self.patch_size, self.patch_size, 3, self.width), PARAM_DTYPE)
     bias = self.param("bias", nn.initializers.zeros, (self.width,), PARAM_DTYPE)
     kernel = kernel.reshape(-1, self.width).astype(self.dtype)
     return jnp.dot(patches.astype(self.dtype), kernel) + bias.astype(self.dtype)
@@ -273,24 +166,35 @@ class PatchEmbed(nn.Module):
   patch_size: int
   width: int
   dtype: Any = jnp.float32
+  weight_init: str = "mae"
 
   @nn.compact
   def __call__(self, images: jax.Array, ids_keep: jax.Array | None = None) -> jax.Array:
     patches = patchify(images, self.patch_size)
     if ids_keep is not None:
       patches = jnp.take_along_axis(patches, ids_keep[..., None], axis=1)
-    return PatchProjection(self.patch_size, self.width, self.dtype, name="proj")(patches)
+    return PatchProjection(self.patch_size, self.width, self.dtype, self.weight_init,
+                           name="proj")(patches)
 
 
 class VisionTransformer(nn.Module):
   """ViT encoder with a cls token.
 
   Attributes:
-    posemb: 'sincos' (fixed constant, never a parameter: pre-training) or 'learn'
-      (a `pos_embed` parameter initialised from sin-cos: fine-tuning).
+    posemb: 'sincos' (fixed constant, never a parameter: MAE pre-training), 'learn'
+      (a `pos_embed` parameter initialised from sin-cos: fine-tuning) or 'none' (no
+      absolute position embedding: SimMIM's ViT, with relative position bias).
     num_classes: 0 for no head.
     pool: 'cls' (final-norm cls token) or 'gap' (as timm/MAE fine-tuning: no final
       `norm`; mean of the patch tokens then `fc_norm`).
+    qkv_bias: 'qkv' | 'qv' | 'none' (`models.attention`).
+    rel_pos_bias: 'none' | 'shared' (one table, params `rel_pos_bias`) | 'per_block'
+      (a table in every block's attention), BEiT / SimMIM's relative position bias.
+    layer_scale: per-channel residual scales started at this value (BEiT / SimMIM's
+      `init_values`), None = none.
+    mask_token: a learned `mask_token` replaces the patch tokens `token_mask` marks,
+      before the position embedding (SimMIM, MaskFeat, BEiT).
+    weight_init: 'mae' | 'simmim' (`models.layers`).
     extra_attention_block: D²-MAE's block `depth + 1` (params `blocks_{depth}`): LN1 and
       qkv on the last block's output, only for its attention logits (layer depth + 1).
       It changes no output; exports and fine-tuning drop it.
@@ -313,6 +217,11 @@ class VisionTransformer(nn.Module):
   posemb: str = "sincos"
   num_classes: int = 0
   pool: str = "cls"
+  qkv_bias: str = "qkv"
+  rel_pos_bias: str = "none"
+  layer_scale: float | None = None
+  mask_token: bool = False
+  weight_init: str = "mae"
   extra_attention_block: bool = False
   drop_path_rate: float = 0.0
   dtype: Any = jnp.float32
@@ -325,27 +234,55 @@ class VisionTransformer(nn.Module):
       raise ValueError(f"image size {image_size} is not divisible by patch size {self.patch_size}")
     return image_size // self.patch_size
 
-  def position_embedding(self, grid: int) -> jax.Array:
-    """(1, 1 + grid**2, width), cls slot first."""
+  def position_embedding(self, grid: int) -> jax.Array | None:
+    """(1, 1 + grid**2, width), cls slot first; None for posemb='none'."""
+    if self.posemb == "none":
+      return None
     table = posembed.sincos_2d(self.width, grid, cls_token=True)[None]
     if self.posemb == "sincos":
       return jnp.asarray(table)
     if self.posemb == "learn":
       return self.param("pos_embed", lambda *_: jnp.asarray(table, PARAM_DTYPE))
-    raise ValueError(f"unknown posemb {self.posemb!r}; use 'sincos' or 'learn'")
+    raise ValueError(f"unknown posemb {self.posemb!r}; choose from {POSEMBS}")
 
   def drop_rates(self) -> list[float]:
     return [self.drop_path_rate * i / max(self.depth - 1, 1) for i in range(self.depth)]
 
+  def block_options(self) -> dict[str, Any]:
+    """What every block of this encoder shares (the rest: rate, impl, index)."""
+    return dict(num_heads=self.num_heads, mlp_ratio=self.mlp_ratio, dtype=self.dtype,
+                qkv_bias=self.qkv_bias, layer_scale=self.layer_scale,
+                weight_init=self.weight_init)
+
+  def check_options(self, capture_layers: tuple[int, ...], latent_layer: int | None) -> None:
+    attention_layers = self.depth + int(self.extra_attention_block)
+    for layer in capture_layers:
+      if not 0 <= layer <= attention_layers:
+        raise ValueError(f"capture layer {layer} outside 0..{attention_layers}")
+    if latent_layer is not None and not 1 <= latent_layer <= self.depth:
+      raise ValueError(f"latent layer {latent_layer} outside 1..{self.depth}")
+    if latent_layer is not None and self.pool == "gap":
+      raise ValueError("latent_layer needs the final norm, which pool='gap' models lack")
+    if self.pool not in ("cls", "gap"):
+      raise ValueError(f"unknown pool {self.pool!r}; use 'cls' or 'gap'")
+    for name, value, allowed in (("attention_impl", self.attention_impl, ATTENTION_IMPLS),
+                                 ("qkv_bias", self.qkv_bias, QKV_BIASES),
+                                 ("rel_pos_bias", self.rel_pos_bias, REL_POS_BIASES),
+                                 ("weight_init", self.weight_init, WEIGHT_INITS)):
+      if value not in allowed:
+        raise ValueError(f"{name}={value!r} is unknown; choose from {allowed}")
+
   @nn.compact
   def __call__(self, images: jax.Array, *, ids_keep: jax.Array | None = None,
-               capture_layers: Sequence[int] = (),
+               token_mask: jax.Array | None = None, capture_layers: Sequence[int] = (),
                latent_layer: int | None = None, train: bool = False) -> dict[str, Any]:
     """Encodes normalised images (B, H, W, 3).
 
     Args:
       ids_keep: (B, K) indices of the patches to keep (MAE masking), in the order
         they are fed to the blocks; None keeps all patches in raster order.
+      token_mask: (B, L) 1 where the patch token is replaced by the mask token (needs
+        `mask_token`); None = no replacement.
       capture_layers: 1-based block indices whose pre-softmax attention logits
         (B, h, N, N) and representations (B, N, d) are returned. Representation of
         layer k = block-k output after block k+1's LN1 (after the final norm for
@@ -364,41 +301,54 @@ class VisionTransformer(nn.Module):
     batch, height, width_px, _ = images.shape
     if height != width_px:
       raise ValueError(f"images must be square, got {height}x{width_px}")
-    attention_layers = self.depth + int(self.extra_attention_block)
     capture_layers = tuple(capture_layers)
-    for layer in capture_layers:
-      if not 0 <= layer <= attention_layers:
-        raise ValueError(f"capture layer {layer} outside 0..{attention_layers}")
-    if latent_layer is not None and not 1 <= latent_layer <= self.depth:
-      raise ValueError(f"latent layer {latent_layer} outside 1..{self.depth}")
-    if latent_layer is not None and self.pool == "gap":
-      raise ValueError("latent_layer needs the final norm, which pool='gap' models lack")
-    if self.pool not in ("cls", "gap"):
-      raise ValueError(f"unknown pool {self.pool!r}; use 'cls' or 'gap'")
-    check_attention_impl(self.attention_impl)
+    self.check_options(capture_layers, latent_layer)
     grid = self.grid_size(height)
 
     if ids_keep is not None:
       chex.assert_rank(ids_keep, 2)
-    x = PatchEmbed(self.patch_size, self.width, self.dtype, name="patch_embed")(images, ids_keep)
-    pos = self.position_embedding(grid).astype(x.dtype)
-    patch_pos = pos[:, 1:]
-    if ids_keep is not None:
-      patch_pos = jnp.take(patch_pos[0], ids_keep, axis=0)
-    x = x + patch_pos
-    cls = self.param("cls_token", token_init, (1, 1, self.width),
-                     PARAM_DTYPE).astype(x.dtype) + pos[:, :1]
+    x = PatchEmbed(self.patch_size, self.width, self.dtype, self.weight_init,
+                   name="patch_embed")(images, ids_keep)
+    if self.mask_token:
+      mask_token = self.param("mask_token", token_init_for(self.weight_init),
+                              (1, 1, self.width), PARAM_DTYPE).astype(x.dtype)
+      if token_mask is not None:
+        chex.assert_shape(token_mask, x.shape[:2])
+        replaced = token_mask[..., None].astype(x.dtype)
+        x = x * (1 - replaced) + mask_token * replaced
+    elif token_mask is not None:
+      raise ValueError("token_mask needs an encoder built with mask_token=True")
+    pos = self.position_embedding(grid)
+    if pos is not None:
+      pos = pos.astype(x.dtype)
+      patch_pos = pos[:, 1:]
+      if ids_keep is not None:
+        patch_pos = jnp.take(patch_pos[0], ids_keep, axis=0)
+      x = x + patch_pos
+    cls = self.param("cls_token", token_init_for(self.weight_init), (1, 1, self.width),
+                     PARAM_DTYPE).astype(x.dtype)
+    if pos is not None:
+      cls = cls + pos[:, :1]
     x = jnp.concatenate([jnp.broadcast_to(cls, (batch, 1, self.width)), x], axis=1)
+
+    positions = None  # the tokens' places in the full sequence, for relative position bias
+    if ids_keep is not None and self.rel_pos_bias != "none":
+      positions = jnp.concatenate([jnp.zeros((batch, 1), ids_keep.dtype), ids_keep + 1], axis=1)
+    bias = None
+    if self.rel_pos_bias == "shared":
+      bias = RelativePositionBias(grid, self.num_heads, name="rel_pos_bias")(positions)
+    rel_pos_grid = grid if self.rel_pos_bias == "per_block" else 0
 
     drop_key = None
     if train and self.drop_path_rate > 0:
       drop_key = self.make_rng("dropout")
     blocks = self._scanned_blocks if self.scan_blocks else self._unrolled_blocks
     x, attn_logits, hidden, latent_input = blocks(x, capture_layers, latent_layer, train,
-                                                  drop_key)
+                                                  drop_key, bias, positions, rel_pos_grid)
     if self.extra_attention_block:
-      _, logits, _ = Block(self.num_heads, self.mlp_ratio, self.dtype, attention_only=True,
-                           name=f"blocks_{self.depth}")(x)
+      _, logits, _ = Block(**self.block_options(), attention_only=True,
+                           rel_pos_grid=rel_pos_grid, index=self.depth,
+                           name=f"blocks_{self.depth}")(x, bias=bias, positions=positions)
       if self.depth + 1 in capture_layers:
         attn_logits[self.depth + 1] = logits
 
@@ -420,16 +370,18 @@ class VisionTransformer(nn.Module):
     return out
 
   def _unrolled_blocks(self, x: jax.Array, capture_layers: tuple[int, ...],
-                       latent_layer: int | None, train: bool, drop_key: jax.Array | None):
+                       latent_layer: int | None, train: bool, drop_key: jax.Array | None,
+                       bias: jax.Array | None, positions: jax.Array | None, rel_pos_grid: int):
     """Blocks 1..depth as `blocks_{i}`: (x, attn_logits, hidden, latent input)."""
     attn_logits, hidden, latent_input = {}, {}, None
     block = block_class(self.remat)
     for i, rate in enumerate(self.drop_rates()):
       rng = None if drop_key is None else jax.random.fold_in(drop_key, i)
       impl = "explicit" if i + 1 in capture_layers else self.attention_impl
-      x, logits, normed_input = block(self.num_heads, self.mlp_ratio, self.dtype,
-                                      drop_path=rate, attention_impl=impl,
-                                      name=f"blocks_{i}")(x, not train, rng)
+      x, logits, normed_input = block(**self.block_options(), drop_path=rate,
+                                      attention_impl=impl, rel_pos_grid=rel_pos_grid, index=i,
+                                      name=f"blocks_{i}")(x, not train, rng, None, bias,
+                                                          positions)
       if i in capture_layers:  # block i+1 normalises block i's output (layer 0: embeddings)
         hidden[i] = normed_input
       if i + 1 in capture_layers:
@@ -439,10 +391,12 @@ class VisionTransformer(nn.Module):
     return x, attn_logits, hidden, latent_input
 
   def _scanned_blocks(self, x: jax.Array, capture_layers: tuple[int, ...],
-                      latent_layer: int | None, train: bool, drop_key: jax.Array | None):
+                      latent_layer: int | None, train: bool, drop_key: jax.Array | None,
+                      bias: jax.Array | None, positions: jax.Array | None, rel_pos_grid: int):
     """Blocks 1..depth as one scan. What is captured is carried in one buffer per
     captured output, overwritten at its layer: memory of the captured layers only,
-    not of all depth layers."""
+    not of all depth layers. (SimMIM's rescaled init depends on the block index, so
+    init always goes through the unscanned twin, `models.scan.unscanned`.)"""
     batch, tokens, _ = x.shape
     # (buffer name, which output of the block, 0-based block index)
     wanted = [(f"attn_{k}", 1, k - 1) for k in capture_layers if 1 <= k <= self.depth]
@@ -457,21 +411,23 @@ class VisionTransformer(nn.Module):
     if drop_key is not None:
       layers["rng"] = jax.vmap(lambda i: jax.random.fold_in(drop_key, i))(layers["index"])
       layers["keep"] = jnp.asarray([1.0 - rate for rate in self.drop_rates()], jnp.float32)
+    shared = {"bias": bias, "positions": positions}  # the same for every block
 
     def body(block: Block, carry, layer):
-      x, buffers = carry
-      outputs = block(x, not train, layer.get("rng"), layer.get("keep"))
+      x, buffers, shared = carry
+      outputs = block(x, not train, layer.get("rng"), layer.get("keep"), shared["bias"],
+                      shared["positions"])
       buffers = {name: jnp.where(layer["index"] == index, outputs[output], buffers[name])
                  for name, output, index in wanted}
-      return (outputs[0], buffers), None
+      return (outputs[0], buffers, shared), None
 
     scan = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True},
                    length=self.depth)
     captures_logits = any(1 <= k <= self.depth for k in capture_layers)
     block = block_class(self.remat, scanned=True)(
-        self.num_heads, self.mlp_ratio, self.dtype, name=SCANNED_BLOCKS,
+        **self.block_options(), rel_pos_grid=rel_pos_grid, name=SCANNED_BLOCKS,
         attention_impl="explicit" if captures_logits else self.attention_impl)
-    (x, buffers), _ = scan(block, (x, buffers), layers)
+    (x, buffers, _), _ = scan(block, (x, buffers, shared), layers)
     attn_logits = {k: buffers[f"attn_{k}"] for k in capture_layers if 1 <= k <= self.depth}
     hidden = {k: buffers[f"hidden_{k}"] for k in capture_layers if k < self.depth}
     return x, attn_logits, hidden, buffers.get("latent")

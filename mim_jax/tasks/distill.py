@@ -1,15 +1,11 @@
-"""D-MAE and D²-MAE: MAE pre-training distilled from a frozen teacher (method.md §3-§4).
+"""Distillation from a frozen teacher: the part D-MAE and D²-MAE add to MAE (docs/methods.md).
 
-The student is the MAE of `pretrain.build_mae` (for D²-MAE with 13 blocks and the
-decoder on block 8); the teacher is any converted ViT encoder. Both see the same
-normalised images and the same kept patches in the same order. Params are
-{'encoder', 'decoder', 'distill'}: the learnable mappings live under 'distill',
-apart from the encoder, and are trained with it; the teacher's params are a
-separate, frozen input of the step.
-
-`distillation_loss_terms` is the public entry point for checking numbers against
-the PyTorch reference: params, teacher params, normalised images and masking
-noise in, exactly the loss the training step minimises out.
+A `Distiller` owns the teacher (any converted ViT encoder or mim_jax run, or a
+random one for benchmarks), the learnable head / hidden mappings (params under
+'distill', trained with the student) and the loss terms. A pre-training task
+composes it: `tasks.mae.MaeTask` with task 'dmae' or 'd2mae'. The teacher runs
+on the student's kept patches in the student's order, under `stop_gradient`, in
+the same jitted step; its params are a frozen input of that step.
 """
 
 import dataclasses
@@ -18,16 +14,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+from ml_collections import config_dict
 
-from mim_jax import flops, masking
+from mim_jax import flops
 from mim_jax.convert import converted
 from mim_jax.errors import ConfigError, UserError
-from mim_jax.models import scan
-from mim_jax.models.mae import MaskedAutoencoder
+from mim_jax.models import registry, scan
 from mim_jax.models.vit import VARIANTS, VisionTransformer
-from mim_jax.objectives import distillation, reconstruction
-from mim_jax.tasks.pretrain import (MaePretrainTask, attention_impl, autoencoder_params,
-                                    check_attention_dtype, compute_dtype, normalize_images)
+from mim_jax.objectives import distillation
 from mim_jax.trainer.tree import flatten_with_names, shape_problems
 
 LayerPairs = tuple[tuple[int, int], ...]
@@ -86,31 +80,20 @@ def teacher_forward(teacher: VisionTransformer, teacher_params: Any, images: jax
   return jax.lax.stop_gradient(taught)
 
 
-def distillation_loss_terms(model: MaskedAutoencoder, teacher: VisionTransformer,
-                            params: dict[str, Any], teacher_params: Any, images: jax.Array,
-                            noise: jax.Array, spec: DistillSpec, *, mask_ratio: float = 0.75,
-                            norm_pix_loss: bool = True) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """`loss = L_rec + attn_weight * sum(L_attn) + hidden_weight * sum(L_hidden)`.
+def distillation_terms(spec: DistillSpec, mappings: dict[str, Any], student: dict[str, Any],
+                       taught: dict[str, Any]) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """`attn_weight * sum(L_attn) + hidden_weight * sum(L_hidden)` and the two sums.
 
   Args:
-    params: the student's {'encoder', 'decoder', 'distill'} (per-block layout).
-    teacher_params: the teacher encoder's params (per-block layout; never differentiated).
-    images: normalised float32 (B, H, W, 3); noise: (B, L) masking noise shared by both
-      models.
+    mappings: the 'distill' params (one kernel per layer pair).
+    student, taught: encoder outputs of the student and the teacher on the same tokens,
+      with 'attn_logits' and 'hidden' of the layers `spec` distils.
 
   Returns:
-    (loss, terms) with 'loss_rec' and, when configured, 'loss_attn' and 'loss_hidden'
-    (each the sum over its layer pairs, as the reference adds them), all float32
-    whatever the compute dtypes of the student and the teacher.
+    (weighted total, terms) with 'loss_attn' / 'loss_hidden' when configured (each the
+    sum over its layer pairs, as the reference adds them), float32.
   """
-  mask = masking.mask_from_noise(noise, mask_ratio)
-  pred, student = model.apply({"params": scan.apply_layout(autoencoder_params(params), model)},
-                              images, mask.ids_keep, mask.ids_restore,
-                              capture_layers=spec.student_layers)
-  taught = teacher_forward(teacher, teacher_params, images, mask.ids_keep, spec)
-  target = reconstruction.patchify(images, model.encoder.patch_size)
-  terms = {"loss_rec": reconstruction.mae_loss(pred, target, mask.mask, norm_pix_loss)}
-  loss = terms["loss_rec"]
+  terms, total = {}, jnp.zeros((), jnp.float32)
   kinds = (("attn", spec.attn_pairs, spec.attn_weight, "attn_logits",
             distillation.attention_distillation_loss),
            ("hidden", spec.hidden_pairs, spec.hidden_weight, "hidden",
@@ -120,10 +103,10 @@ def distillation_loss_terms(model: MaskedAutoencoder, teacher: VisionTransformer
       continue
     terms[f"loss_{kind}"] = sum(
         loss_of_pair(student[output][s], taught[output][t],
-                     params["distill"][mapping_name(kind, s, t)]["kernel"])
+                     mappings[mapping_name(kind, s, t)]["kernel"])
         for s, t in pairs)
-    loss = loss + weight * terms[f"loss_{kind}"]
-  return loss, terms
+    total = total + weight * terms[f"loss_{kind}"]
+  return total, terms
 
 
 # ----------------------------------------------------------------------------
@@ -143,8 +126,8 @@ def build_teacher(arch: dict[str, Any], dtype: Any, scan_blocks: bool = False,
 
   `attention_impl` applies to its blocks below the distilled ones (see VisionTransformer).
   """
-  return VisionTransformer(**converted.encoder_kwargs(arch), dtype=dtype, scan_blocks=scan_blocks,
-                           attention_impl=attention_impl)
+  return converted.build_encoder(arch, dtype=dtype, scan_blocks=scan_blocks,
+                                 attention_impl=attention_impl)
 
 
 def check_teacher(config: ml_collections.ConfigDict, arch: dict[str, Any],
@@ -202,22 +185,22 @@ def check_teacher_params(teacher: VisionTransformer, params: dict[str, Any], ima
 
 def validate_distill_config(config: ml_collections.ConfigDict, depth: int) -> None:
   """D-MAE vs D²-MAE consistency: an extra block must be distilled, and only by d2mae."""
-  extra = config.model.extra_attention_block
+  extra = config.distill.extra_attention_block
   if config.task == "d2mae" and not extra:
-    raise ConfigError("task='d2mae' needs model.extra_attention_block=True (the 13th block)")
+    raise ConfigError("task='d2mae' needs distill.extra_attention_block=True (the 13th block)")
   if config.task == "dmae" and extra:
-    raise ConfigError("model.extra_attention_block=True is D²-MAE: use task='d2mae'")
+    raise ConfigError("distill.extra_attention_block=True is D²-MAE: use task='d2mae'")
   spec = DistillSpec.from_config(config.distill)
   if not spec.attn_pairs and not spec.hidden_pairs:
     raise ConfigError("distill.attn_pairs and distill.hidden_pairs are both empty: nothing "
                       "to distil (use task='mae')")
   if extra and not any(s == depth + 1 for s, _ in spec.attn_pairs):
-    raise ConfigError(f"model.extra_attention_block adds layer {depth + 1}, but no "
+    raise ConfigError(f"distill.extra_attention_block adds layer {depth + 1}, but no "
                       f"distill.attn_pairs entry distils it: {spec.attn_pairs}")
   if config.distill.attn_weight < 0 or config.distill.hidden_weight < 0:
     raise ConfigError("distill.attn_weight and distill.hidden_weight must be >= 0")
-  check_attention_dtype(attention_impl(config.model), teacher_dtype(config),
-                        "distill.teacher_dtype (or model.dtype)")
+  registry.check_attention_dtype(config.model, teacher_dtype(config),
+                                 "distill.teacher_dtype (or model.dtype)")
   if not isinstance(config.distill.get("teacher_scan_blocks", False), bool):
     raise ConfigError(f"distill.teacher_scan_blocks={config.distill.teacher_scan_blocks!r} "
                       f"must be True or False")
@@ -226,30 +209,48 @@ def validate_distill_config(config: ml_collections.ConfigDict, depth: int) -> No
 def teacher_dtype(config: ml_collections.ConfigDict) -> Any:
   """distill.teacher_dtype, or model.dtype when unset."""
   if config.distill.get("teacher_dtype"):
-    return compute_dtype(config.distill.teacher_dtype, "distill.teacher_dtype")
-  return compute_dtype(config.model.dtype, "model.dtype")
+    return registry.compute_dtype(config.distill.teacher_dtype, "distill.teacher_dtype")
+  return registry.compute_dtype(config.model.dtype, "model.dtype")
 
 
-class DistillationTask(MaePretrainTask):
-  """D-MAE (task 'dmae') and D²-MAE (task 'd2mae').
+def default_config() -> ml_collections.ConfigDict:
+  """`config.distill`: D-MAE's defaults (student layer 12 <-> teacher layer 12, alpha 1)."""
+  return ml_collections.ConfigDict(dict(
+      teacher="",  # converted .npz (python -m mim_jax.convert from_torch) or a mim_jax workdir
+      teacher_variant="base",  # the architecture the teacher must have; "" accepts any
+      attn_pairs=((12, 12),),  # (student layer, teacher layer), 1-based
+      attn_weight=1.0,  # alpha
+      hidden_pairs=(),  # (student layer, teacher layer), 0 = embeddings; empty = off
+      hidden_weight=1.0,
+      extra_attention_block=False,  # D²-MAE: an attention-only block depth + 1, distilled
+      teacher_dtype=config_dict.placeholder(str),  # compute dtype; None = model.dtype
+      teacher_scan_blocks=False,  # nn.scan over the teacher's blocks (no remat: forward only)
+  ))
+
+
+class Distiller:
+  """The frozen teacher, the learnable mappings and the distillation terms of a student.
 
   Args:
-    random_teacher: use a randomly initialised teacher of `distill.teacher_variant`
-      instead of loading `distill.teacher` (for benchmarks: speed does not depend on
-      the weights).
+    config: the run's config (`config.distill`, `config.image_size`, `config.model`).
+    student: the student's encoder (for layer ranges and mapping shapes).
+    random_teacher: a randomly initialised teacher of `distill.teacher_variant` instead of
+      loading `distill.teacher` (benchmarks: speed does not depend on the weights).
   """
 
-  def __init__(self, config: ml_collections.ConfigDict, *, random_teacher: bool = False):
-    super().__init__(config)
-    validate_distill_config(config, self.model.encoder.depth)
+  def __init__(self, config: ml_collections.ConfigDict, student: VisionTransformer, *,
+               random_teacher: bool = False):
+    validate_distill_config(config, student.depth)
+    self.config = config
+    self.student = student
     self.spec = DistillSpec.from_config(config.distill)
     if random_teacher:
       if not config.distill.teacher_variant:
         raise ConfigError("without distill.teacher a random teacher is used, which needs "
-                        "distill.teacher_variant (e.g. --config.distill.teacher_variant=base)")
+                          "distill.teacher_variant (e.g. --config.distill.teacher_variant=base)")
       self.source = None
       arch = converted.check_arch({**VARIANTS[config.distill.teacher_variant],
-                                   "patch_size": self.patch_size,
+                                   "patch_size": student.patch_size,
                                    "image_size": config.image_size, "source": "random"})
       origin = "(random)"
     else:
@@ -261,26 +262,30 @@ class DistillationTask(MaePretrainTask):
       self.source = converted.load_converted(config.distill.teacher)
       arch = self.source.arch
       origin = repr(config.distill.teacher)
-    check_teacher(config, arch, self.model.encoder, self.spec, origin)
+    check_teacher(config, arch, student, self.spec, origin)
     # Scanning the teacher is its own switch: XLA drops the work after the last
     # distilled layer of an unrolled teacher, not of a scanned one.
     self.teacher = build_teacher(arch, teacher_dtype(config),
                                  config.distill.get("teacher_scan_blocks", False),
-                                 attention_impl(config.model))
+                                 registry.attention_impl(config.model))
     if self.source is not None:
       check_teacher_params(self.teacher, teacher_encoder_params(self.source), config.image_size,
                            origin)
 
-  def init_params(self, rng: jax.Array) -> Any:
-    mae_rng, mapping_rng = jax.random.split(rng)
-    params = super().init_params(mae_rng)
-    return {**params, "distill": init_mappings(mapping_rng, self.spec, self.model.encoder,
-                                               self.teacher)}
+  @property
+  def student_layers(self) -> tuple[int, ...]:
+    """The student layers whose attention logits / representations the terms read."""
+    return self.spec.student_layers
+
+  def init_params(self, rng: jax.Array) -> dict[str, Any]:
+    """The 'distill' params: the head and hidden mappings."""
+    return init_mappings(rng, self.spec, self.student, self.teacher)
 
   def load_frozen(self) -> tuple[dict[str, Any], dict[str, Any]]:
     """({'teacher': params}, {'teacher': {'path', 'sha256'}}) — the hash goes in checkpoints."""
     if self.source is None:
-      images = jnp.zeros((1, self.config.image_size, self.config.image_size, 3), jnp.float32)
+      size = self.config.image_size
+      images = jnp.zeros((1, size, size, 3), jnp.float32)
       params = scan.unscanned(self.teacher).init(jax.random.PRNGKey(self.config.seed),
                                                  images)["params"]
       return {"teacher": params}, {"teacher": {"path": "random",
@@ -288,28 +293,20 @@ class DistillationTask(MaePretrainTask):
     return ({"teacher": teacher_encoder_params(self.source)},
             {"teacher": {"path": self.source.path, "sha256": self.source.sha256}})
 
-  def train_flops_per_image(self) -> float:
-    """Student forward + backward (3x) plus the teacher's forward up to its last used layer."""
-    kept = masking.num_kept(self.num_patches, self.config.mask_ratio)
-    student = super().train_flops_per_image()
-    enc = self.model.encoder
-    if enc.extra_attention_block:
-      student += 3 * flops.transformer_block_flops(kept + 1, enc.width, attention_only=True)
+  def loss_terms(self, mappings: dict[str, Any], teacher_params: Any, images: jax.Array,
+                 ids_keep: jax.Array, student_outputs: dict[str, Any]
+                 ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The weighted distillation loss and its terms, the teacher on the student's kept
+    patches (`ids_keep`, in the student's order) of the same normalised `images`."""
+    taught = teacher_forward(self.teacher, teacher_params, images, ids_keep, self.spec)
+    return distillation_terms(self.spec, mappings, student_outputs, taught)
+
+  def train_flops_per_image(self, kept: int) -> float:
+    """The extra block's forward + backward and the teacher's forward to its last used layer."""
+    student = self.student
+    extra = 0.0
+    if student.extra_attention_block:
+      extra = 3 * flops.transformer_block_flops(kept + 1, student.width, attention_only=True)
     teacher = self.teacher
-    teacher_flops = flops.vit_encoder_flops(kept, teacher.patch_size,
-                                            teacher.width, max(self.spec.teacher_layers),
-                                            teacher.mlp_ratio)
-    return student + teacher_flops
-
-  def loss_terms(self, params: Any, teacher_params: Any, images: jax.Array,
-                 noise: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """The step's loss for normalised images and given masking noise (for notebooks)."""
-    return distillation_loss_terms(self.model, self.teacher, params, teacher_params, images,
-                                   noise, self.spec, mask_ratio=self.config.mask_ratio,
-                                   norm_pix_loss=self.config.norm_pix_loss)
-
-  def loss_fn(self, params: Any, frozen: dict[str, Any], batch: dict[str, jax.Array],
-              rng: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
-    images = normalize_images(batch["image"])
-    noise = self.masking_noise(rng, images.shape[0])
-    return self.loss_terms(params, frozen["teacher"], images, noise)
+    return extra + flops.vit_encoder_flops(kept, teacher.patch_size, teacher.width,
+                                           max(self.spec.teacher_layers), teacher.mlp_ratio)

@@ -1,11 +1,11 @@
-"""Fine-tuning a (pre-trained) ViT for classification (method.md §5).
+"""Fine-tuning a (pre-trained) backbone for classification (docs/methods.md, fine-tuning).
 
 The model is the encoder with a learned position embedding (started from the
 sin-cos table of pre-training), global average pooling + `fc_norm` (or the cls
 token) and a linear head; stochastic depth, mixup / cutmix with label smoothing
 on device; the weights come from `config.init` (a mim_jax pre-training workdir,
-a converted PyTorch checkpoint) or from scratch. The trainer asks this task for
-`init_params`, `merge_pretrained`, `loss_fn` and `eval_metrics`.
+a converted PyTorch checkpoint) or from scratch; an optional EMA of the weights
+is the task's extra state.
 """
 
 from typing import Any
@@ -15,24 +15,23 @@ import jax.numpy as jnp
 import ml_collections
 
 from mim_jax.convert import converted, pretrained
+from mim_jax.data.spec import DataSpec
 from mim_jax.errors import ConfigError
-from mim_jax.models import scan
-from mim_jax.models.vit import VARIANTS, VisionTransformer, encoder_kwargs
+from mim_jax.models import registry, scan
 from mim_jax.objectives import classification
-from mim_jax.tasks.pretrain import (attention_impl, compute_dtype, normalize_images,
-                                    validate_memory_options)
+from mim_jax.tasks.base import LossAux, Task, ema_update, normalize_images
 from mim_jax.trainer import optim
+from mim_jax.trainer.tree import path_str
 
 
-def build_classifier(config: ml_collections.ConfigDict) -> VisionTransformer:
-  model = config.model
-  return VisionTransformer(
-      patch_size=model.patch_size, mlp_ratio=model.mlp_ratio, posemb="learn", pool=model.pool,
-      num_classes=config.num_classes, drop_path_rate=model.drop_path_rate,
-      dtype=compute_dtype(model.dtype, "model.dtype"), remat=model.get("remat", "none"),
-      scan_blocks=model.get("scan_blocks", False), attention_impl=attention_impl(model),
-      **encoder_kwargs(model.variant or None, width=model.width, depth=model.depth,
-                       num_heads=model.num_heads))
+def build_classifier_encoder(config: ml_collections.ConfigDict, *, num_classes: int,
+                             drop_path_rate: float = 0.0, remat: str = "none") -> Any:
+  """The backbone of fine-tuning and linear probing: a learned position embedding started
+  from the sin-cos table of pre-training, `model.pool` pooling and `num_classes` outputs
+  (0: features only)."""
+  return registry.build_encoder(config.model, posemb="learn", pool=config.model.pool,
+                                num_classes=num_classes, drop_path_rate=drop_path_rate,
+                                remat=remat)
 
 
 def mixup_config(config: ml_collections.ConfigDict) -> classification.MixupConfig:
@@ -46,12 +45,7 @@ def mixup_config(config: ml_collections.ConfigDict) -> classification.MixupConfi
 def validate_classifier(config: ml_collections.ConfigDict) -> None:
   """The checks every classification task (fine-tuning, linear probe) shares."""
   model = config.model
-  validate_memory_options(model)
-  if model.variant and model.variant not in VARIANTS:
-    raise ConfigError(f"model.variant={model.variant!r} is unknown; choose from {sorted(VARIANTS)}")
-  if config.image_size % model.patch_size:
-    raise ConfigError(f"image_size={config.image_size} is not divisible by "
-                      f"model.patch_size={model.patch_size}")
+  registry.get_backbone(model).validate(model, config.image_size)
   if model.pool not in ("gap", "cls"):
     raise ConfigError(f"model.pool={model.pool!r}: use 'gap' (mean patch token) or 'cls'")
   if not isinstance(config.num_classes, int) or config.num_classes < 1:
@@ -63,7 +57,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   model = config.model
   if not 0.0 <= model.drop_path_rate < 1.0:
     raise ConfigError(f"model.drop_path_rate={model.drop_path_rate} must be in [0, 1)")
-  depth = encoder_kwargs(model.variant or None, depth=model.depth).get("depth")
+  depth = registry.get_backbone(model).shape(model)["depth"]
   keep = config.init_keep_blocks
   if keep is not None:
     if not config.init:
@@ -74,15 +68,22 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"ema_decay={config.ema_decay} must be in (0, 1) or None")
 
 
-class FinetuneTask:
-  """Supervised classification, from pre-trained weights or from scratch."""
+class FinetuneTask(Task):
+  """Supervised classification, from pre-trained weights or from scratch.
 
-  needs_labels = True
+  With `ema_decay`, the extra state 'ema_params' follows the params after every
+  update (timm's ModelEmaV2) and is evaluated too (val_ema_*).
+  """
+
+  evaluates = True
 
   def __init__(self, config: ml_collections.ConfigDict):
+    super().__init__(config)
     validate_config(config)
-    self.config = config
-    self.model = build_classifier(config)
+    self.backbone = registry.get_backbone(config.model)
+    self.model = build_classifier_encoder(config, num_classes=config.num_classes,
+                                          drop_path_rate=config.model.drop_path_rate,
+                                          remat=config.model.get("remat", "none"))
     self.num_patches = (config.image_size // config.model.patch_size)**2
     self.mixup = mixup_config(config)
     # Read (and check) the weights now: a wrong path fails before anything is built.
@@ -91,39 +92,53 @@ class FinetuneTask:
       pretrained.init_encoder_from(jax.eval_shape(self.init_params, jax.random.PRNGKey(0)),
                                    self.source, keep_blocks=config.init_keep_blocks)
 
+  @property
+  def data_spec(self) -> DataSpec:
+    return DataSpec.single_view(self.config.image_size, labels=True, augment=True)
+
   def init_params(self, rng: jax.Array) -> Any:
     """Per-block layout (`blocks_{i}`), scanned model or not."""
     images = jnp.zeros((1, self.config.image_size, self.config.image_size, 3), jnp.float32)
     return scan.unscanned(self.model).init(rng, images)["params"]
 
-  def merge_pretrained(self, fresh: Any) -> Any:
+  def merge_pretrained(self, params: Any) -> Any:
     """The fresh params with the pre-trained weights put in (host arrays); logs the report."""
     if self.source is None:
-      return fresh
-    params, report = pretrained.init_encoder_from(fresh, self.source,
+      return params
+    params, report = pretrained.init_encoder_from(params, self.source,
                                                   keep_blocks=self.config.init_keep_blocks)
     report.log()
     return params
-
-  def load_frozen(self) -> tuple[dict[str, Any], dict[str, Any]]:
-    return {}, {}
 
   def weight_decay_mask(self, params: Any) -> Any:
     """MAE's fine-tuning rule: no weight decay on 1-D params and tokens."""
     return optim.finetune_weight_decay_mask(params)
 
-  def train_flops_per_image(self) -> float:
-    from mim_jax import flops  # pylint: disable=g-import-not-at-top
-    enc = self.model
-    patches = self.num_patches
-    forward = flops.vit_encoder_flops(patches, enc.patch_size, enc.width, enc.depth,
-                                      enc.mlp_ratio)
-    return 3 * (forward + 2 * enc.width * self.config.num_classes)
+  def layer_ids(self, params: Any) -> tuple[Any, int]:
+    num_layers = self.backbone.shape(self.config.model)["depth"]
+    ids = jax.tree_util.tree_map_with_path(
+        lambda path, _: self.backbone.layer_id(path_str(path), num_layers), params)
+    return ids, num_layers
 
-  def loss_fn(self, params: Any, frozen: dict[str, Any], batch: dict[str, jax.Array],
-              rng: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+  def init_extra(self, params: Any) -> dict[str, Any]:
+    return {} if self.config.ema_decay is None else {"ema_params": params}
+
+  def update_extra(self, extra: dict[str, Any], params: Any, updates: Any,
+                   step: jax.Array) -> dict[str, Any]:
+    del updates, step
+    if self.config.ema_decay is None:
+      return extra
+    return {"ema_params": ema_update(extra["ema_params"], params, self.config.ema_decay)}
+
+  def train_flops_per_image(self) -> float:
+    forward = self.backbone.forward_flops(
+        self.backbone.arch(self.config.model, self.config.image_size), self.num_patches)
+    return 3 * (forward + 2 * self.model.width * self.config.num_classes)
+
+  def loss_fn(self, params: Any, extra: dict[str, Any], frozen: dict[str, Any],
+              batch: dict[str, jax.Array], rng: jax.Array) -> tuple[jax.Array, LossAux]:
     """Mixup / cutmix, forward with stochastic depth, soft-target cross entropy."""
-    del frozen
+    del extra, frozen
     mix_rng, drop_rng = jax.random.split(rng)
     images = normalize_images(batch["image"])
     images, targets, _ = classification.mixup_cutmix(mix_rng, images, batch["label"],
@@ -131,12 +146,20 @@ class FinetuneTask:
     out = self.model.apply({"params": scan.apply_layout(params, self.model)}, images, train=True,
                            rngs={"dropout": drop_rng})
     loss = classification.soft_cross_entropy(out["logits"], targets)
-    return loss, {"loss_ce": loss}
+    return loss, LossAux({"loss_ce": loss})
 
-  def eval_metrics(self, params: Any, frozen: dict[str, Any],
+  def logits(self, params: Any, images_uint8: jax.Array) -> jax.Array:
+    return self.model.apply({"params": scan.apply_layout(params, self.model)},
+                            normalize_images(images_uint8))["logits"]
+
+  def eval_metrics(self, params: Any, extra: dict[str, Any], frozen: dict[str, Any],
                    batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-    """Sums over the real examples of the batch: count, top-1/top-5 hits, cross entropy."""
+    """Sums over the real examples: count, top-1/top-5 hits, cross entropy (and the EMA's)."""
     del frozen
-    logits = self.model.apply({"params": scan.apply_layout(params, self.model)},
-                              normalize_images(batch["image"]))["logits"]
-    return classification.eval_sums(logits, batch["label"], batch["mask"])
+    sums = classification.eval_sums(self.logits(params, batch["image"]), batch["label"],
+                                    batch["mask"])
+    if "ema_params" in extra:
+      ema = classification.eval_sums(self.logits(extra["ema_params"], batch["image"]),
+                                     batch["label"], batch["mask"])
+      sums.update({f"ema_{k}": v for k, v in ema.items() if k != "count"})
+    return sums

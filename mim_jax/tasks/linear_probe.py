@@ -1,4 +1,4 @@
-"""Linear probing of a frozen pre-trained encoder: MAE's protocol (method.md §5).
+"""Linear probing of a frozen pre-trained encoder: MAE's protocol (docs/methods.md).
 
 The encoder is a frozen input of the step, like a distillation teacher: it is
 not differentiated, has no optimizer state, is not checkpointed (its path and
@@ -13,7 +13,7 @@ on the pooled feature:
 BatchNorm normalises with the statistics of the global batch in training (a
 synchronised BatchNorm; MAE's per-GPU BatchNorm sees 1/num_gpus of it) and keeps
 running statistics like torch (momentum 0.1, unbiased variance) for evaluation;
-they live in `state['model_state']`. The head's kernel starts from a normal of
+they are the task's extra state 'model_state'. The head's kernel starts from a normal of
 std 0.01 (MAE's `trunc_normal_(std=0.01)`: at 2 sigma the truncation is immaterial
 at this std, so the normal is used), its bias at 0.
 """
@@ -26,12 +26,12 @@ import ml_collections
 from absl import logging
 
 from mim_jax.convert import converted, pretrained
+from mim_jax.data.spec import DataSpec
 from mim_jax.errors import ConfigError
-from mim_jax.models import scan
-from mim_jax.models.vit import VisionTransformer, encoder_kwargs
+from mim_jax.models import registry, scan
 from mim_jax.objectives import classification
-from mim_jax.tasks.finetune import validate_classifier
-from mim_jax.tasks.pretrain import attention_impl, compute_dtype, normalize_images
+from mim_jax.tasks.base import LossAux, Task, normalize_images
+from mim_jax.tasks.finetune import build_classifier_encoder, validate_classifier
 
 BATCHNORM_EPS = 1e-6
 BATCHNORM_MOMENTUM = 0.1  # torch's: running = (1 - m) * running + m * batch statistic
@@ -60,16 +60,6 @@ def batchnorm_eval(features: jax.Array, running: dict[str, jax.Array],
   return (features.astype(jnp.float32) - running["mean"]) * jax.lax.rsqrt(running["var"] + eps)
 
 
-def build_encoder(config: ml_collections.ConfigDict) -> VisionTransformer:
-  model = config.model
-  return VisionTransformer(
-      patch_size=model.patch_size, mlp_ratio=model.mlp_ratio, posemb="learn", pool=model.pool,
-      num_classes=0, dtype=compute_dtype(model.dtype, "model.dtype"),
-      scan_blocks=model.get("scan_blocks", False), attention_impl=attention_impl(model),
-      **encoder_kwargs(model.variant or None, width=model.width, depth=model.depth,
-                       num_heads=model.num_heads))
-
-
 def validate_config(config: ml_collections.ConfigDict) -> None:
   model = config.model
   if model.get("remat", "none") != "none":
@@ -78,20 +68,24 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   validate_classifier(config)
 
 
-class LinearProbeTask:
+class LinearProbeTask(Task):
   """A BatchNorm + linear classifier on the pooled features of a frozen encoder."""
 
-  needs_labels = True
+  evaluates = True
 
   def __init__(self, config: ml_collections.ConfigDict):
+    super().__init__(config)
     validate_config(config)
-    self.config = config
-    self.encoder = build_encoder(config)
+    self.encoder = build_classifier_encoder(config, num_classes=0)
     self.width = self.encoder.width
     self.num_patches = (config.image_size // config.model.patch_size)**2
     # Read (and check) the weights now: a wrong path fails before anything is built.
     self.source = converted.load_converted(config.init) if config.init else None
     self.encoder_params = self._encoder_params()
+
+  @property
+  def data_spec(self) -> DataSpec:
+    return DataSpec.single_view(self.config.image_size, labels=True, augment=True)
 
   def _encoder_params(self) -> Any:
     images = jnp.zeros((1, self.config.image_size, self.config.image_size, 3), jnp.float32)
@@ -115,8 +109,16 @@ class LinearProbeTask:
     kernel = HEAD_INIT_STD * jax.random.normal(rng, (self.width, self.config.num_classes))
     return {"head": {"kernel": kernel, "bias": jnp.zeros((self.config.num_classes,))}}
 
-  def init_model_state(self) -> dict[str, jax.Array]:
-    return {"mean": jnp.zeros((self.width,)), "var": jnp.ones((self.width,))}
+  def init_extra(self, params: Any) -> dict[str, Any]:
+    """BatchNorm running statistics, torch's initial values."""
+    del params
+    return {"model_state": {"mean": jnp.zeros((self.width,)), "var": jnp.ones((self.width,))}}
+
+  def update_extra(self, extra: dict[str, Any], params: Any, updates: Any,
+                   step: jax.Array) -> dict[str, Any]:
+    """The running statistics the loss computed from this batch."""
+    del extra, params, step
+    return {"model_state": updates}
 
   def weight_decay_mask(self, params: Any) -> Any:
     return jax.tree.map(lambda p: p.ndim > 1, params)
@@ -134,27 +136,26 @@ class LinearProbeTask:
     return (pooled - mean) * jax.lax.rsqrt(var + 1e-6)
 
   def train_flops_per_image(self) -> float:
-    from mim_jax import flops  # pylint: disable=g-import-not-at-top
-    enc = self.encoder
-    forward = flops.vit_encoder_flops(self.num_patches, enc.patch_size,
-                                      enc.width, enc.depth, enc.mlp_ratio)
-    return forward + 3 * 2 * enc.width * self.config.num_classes
+    """The frozen encoder's forward, the head's forward and backward."""
+    backbone = registry.get_backbone(self.config.model)
+    forward = backbone.forward_flops(backbone.arch(self.config.model, self.config.image_size),
+                                     self.num_patches)
+    return forward + 3 * 2 * self.width * self.config.num_classes
 
-  def loss_fn(self, params: Any, frozen: dict[str, Any], batch: dict[str, jax.Array],
-              rng: jax.Array, model_state: dict[str, jax.Array]):
-    """Cross entropy of BatchNorm(features) @ head; returns (loss, (terms, model_state))."""
+  def loss_fn(self, params: Any, extra: dict[str, Any], frozen: dict[str, Any],
+              batch: dict[str, jax.Array], rng: jax.Array) -> tuple[jax.Array, LossAux]:
+    """Cross entropy of BatchNorm(features) @ head; the updated statistics go to `updates`."""
     del rng
     features = self.features(frozen["encoder"], batch["image"])
-    normed, model_state = batchnorm_train(features, model_state)
+    normed, running = batchnorm_train(features, extra["model_state"])
     logits = normed @ params["head"]["kernel"] + params["head"]["bias"]
     targets = classification.one_hot_smoothed(batch["label"], self.config.num_classes)
     loss = classification.soft_cross_entropy(logits, targets)
-    return loss, ({"loss_ce": loss}, model_state)
+    return loss, LossAux({"loss_ce": loss}, running)
 
-  def eval_metrics(self, params: Any, frozen: dict[str, Any], batch: dict[str, jax.Array],
-                   model_state: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  def eval_metrics(self, params: Any, extra: dict[str, Any], frozen: dict[str, Any],
+                   batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
     features = self.features(frozen["encoder"], batch["image"])
-    logits = batchnorm_eval(features, model_state) @ params["head"]["kernel"]
+    logits = batchnorm_eval(features, extra["model_state"]) @ params["head"]["kernel"]
     logits = logits + params["head"]["bias"]
     return classification.eval_sums(logits, batch["label"], batch["mask"])
-

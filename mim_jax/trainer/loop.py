@@ -1,9 +1,8 @@
 """The training loop, top to bottom: set up, init or resume, iterate, log, checkpoint.
 
-The loop knows no model: a *task* supplies `init_params(rng)`, `load_frozen()`
-(inputs of the step that are not trained, e.g. a teacher, and what identifies
-them), the pure `loss_fn(params, frozen, batch, rng) -> (loss, terms)` and,
-optionally, `reconstruct(params, images, rng)` for the figure.
+The loop knows no model and no method: it runs a `tasks.base.Task` through the
+contract declared there (data spec, params, frozen inputs, extra state, the pure
+loss, optional evaluation and figure).
 """
 
 import math
@@ -25,7 +24,8 @@ from mim_jax.data import pipeline
 from mim_jax.data.sources import DataError
 from mim_jax.errors import ConfigError, TrainingDivergedError
 from mim_jax.trainer import checkpoint, figures, metrics, optim, sharding
-from mim_jax.trainer.tree import count_blocks, count_params
+from mim_jax.tasks.base import TRAIN_STATE_KEYS, Task
+from mim_jax.trainer.tree import count_params
 
 FIGURE_EXAMPLES = 8
 
@@ -49,13 +49,14 @@ OPTIMIZERS = ("adamw", "sgd", "lars")
 
 
 def make_optimizer(config: ml_collections.ConfigDict, params: Any, total_steps: int,
-                   warmup_steps: int, decay_mask: Any = None
+                   warmup_steps: int, decay_mask: Any = None, layer_ids: Any = None
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """AdamW, SGD with momentum, or LARS (MAE's linear probe) on the warm-up + cosine schedule.
 
   `optimizer.layer_decay` (fine-tuning) scales each leaf's lr by
-  decay ** (depth + 1 - layer id); the logged lr is the head's. `decay_mask`
-  (default: kernels only) says where weight decay applies.
+  decay ** (num_layers + 1 - layer id), with `layer_ids` = (the task's layer id of
+  every leaf, num_layers); the logged lr is the head's. `decay_mask` (default:
+  kernels only) says where weight decay applies.
   """
   opt = config.optimizer
   peak = optim.scaled_learning_rate(opt.base_lr, config.batch_size)
@@ -75,54 +76,48 @@ def make_optimizer(config: ml_collections.ConfigDict, params: Any, total_steps: 
     tx = optax.chain(optax.add_decayed_weights(opt.weight_decay, decay_mask),
                      optax.sgd(schedule, momentum=opt.momentum))
   if layer_decay is not None:
-    depth = count_blocks(params)
-    tx = optax.chain(tx, optim.scale_per_leaf(optim.layerwise_lr_scales(params, depth,
-                                                                        layer_decay)))
+    if layer_ids is None:
+      raise ConfigError(f"optimizer.layer_decay={layer_decay} but task={config.task!r} has no "
+                        f"layers to decay; set it to None")
+    ids, num_layers = layer_ids
+    tx = optax.chain(tx, optim.scale_per_leaf(optim.lr_scales_from_layer_ids(ids, num_layers,
+                                                                            layer_decay)))
   return tx, schedule
 
 
 # ----------------------------------------------------------------------------
 # The step
 # ----------------------------------------------------------------------------
-def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation,
-                    schedule: optax.Schedule, ema_decay: float | None = None,
-                    has_model_state: bool = False) -> Callable:
+def make_train_step(task: Task, tx: optax.GradientTransformation,
+                    schedule: optax.Schedule) -> Callable:
   """state, frozen, batch -> state, metrics. Pure; the step's rng is fold_in(state rng, step).
 
-  Only `state['params']` is differentiated and updated: `frozen` (a teacher) gets
-  no gradient and no optimizer state. With `ema_decay`, `state['ema_params']` follows
-  the params: ema = decay * ema + (1 - decay) * params after every update. With
-  `has_model_state`, `state['model_state']` (BatchNorm running statistics) goes into
-  the loss, `loss_fn(params, frozen, batch, rng, model_state) -> (loss, (terms,
-  new_model_state))`, and comes out updated, not differentiated.
+  Only `state['params']` is differentiated and updated by the optimizer: `frozen`
+  (a teacher, a probed encoder) gets no gradient and no optimizer state. The
+  task's extra state (the other keys of `state`: an EMA, BatchNorm statistics)
+  goes into the loss and is then updated by `task.update_extra` from the new
+  params and what the loss handed back.
   """
 
   def train_step(state: dict[str, Any], frozen: dict[str, Any], batch: dict[str, jax.Array]):
     step_rng = jax.random.fold_in(state["rng"], state["step"])
-    if has_model_state:
-      (loss, (terms, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-          state["params"], frozen, batch, step_rng, state["model_state"])
-    else:
-      (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-          state["params"], frozen, batch, step_rng)
+    extra = {k: v for k, v in state.items() if k not in TRAIN_STATE_KEYS}
+    (loss, aux), grads = jax.value_and_grad(task.loss_fn, has_aux=True)(
+        state["params"], extra, frozen, batch, step_rng)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
+    new_extra = task.update_extra(extra, params, aux.updates, state["step"])
     new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1,
-                 "rng": state["rng"]}
-    if has_model_state:
-      new_state["model_state"] = model_state
-    if ema_decay is not None:
-      new_state["ema_params"] = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p,
-                                             state["ema_params"], params)
-    return new_state, {"loss": loss, **terms, "lr": schedule(state["step"])}
+                 "rng": state["rng"], **new_extra}
+    return new_state, {"loss": loss, **aux.terms, "lr": schedule(state["step"])}
 
   return train_step
 
 
-def prepare_state(task: Any, tx: optax.GradientTransformation,
+def prepare_state(task: Task, tx: optax.GradientTransformation,
                   config: ml_collections.ConfigDict, mesh: Mesh):
   """(abstract state with shardings, shardings, init) for {params, opt_state, step, rng}
-  (+ ema_params when config.ema_decay is set, + model_state when the task has one).
+  plus the task's extra state.
 
   `init()` builds the state directly sharded: each device only ever holds its shard.
   """
@@ -130,13 +125,12 @@ def prepare_state(task: Any, tx: optax.GradientTransformation,
 
   def init_state(rng: jax.Array) -> dict[str, Any]:
     params = task.init_params(rng)
-    state = {"params": params, "opt_state": tx.init(params),
-             "step": jnp.zeros((), jnp.int32), "rng": train_rng}
-    if config.get("ema_decay") is not None:
-      state["ema_params"] = params
-    if has_model_state(task):
-      state["model_state"] = task.init_model_state()
-    return state
+    extra = task.init_extra(params)
+    clash = TRAIN_STATE_KEYS & set(extra)
+    if clash:
+      raise ValueError(f"{type(task).__name__}.init_extra uses reserved names {sorted(clash)}")
+    return {"params": params, "opt_state": tx.init(params),
+            "step": jnp.zeros((), jnp.int32), "rng": train_rng, **extra}
 
   abstract = jax.eval_shape(init_state, init_rng)
   shardings = sharding.tree_shardings(abstract, mesh, fsdp_min_size=config.mesh.fsdp_min_size)
@@ -145,37 +139,32 @@ def prepare_state(task: Any, tx: optax.GradientTransformation,
   return abstract, shardings, lambda: jax.jit(init_state, out_shardings=shardings)(init_rng)
 
 
-def has_model_state(task: Any) -> bool:
-  """Whether the task keeps non-trained state (BatchNorm statistics) next to its params."""
-  return hasattr(task, "init_model_state")
-
-
 def place_frozen(frozen: Any, config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[Any, Any]:
   """Frozen params on the mesh by the same rules as the trained ones: (arrays, shardings)."""
   shardings = sharding.tree_shardings(frozen, mesh, fsdp_min_size=config.mesh.fsdp_min_size)
   return jax.device_put(frozen, shardings), shardings
 
 
-def jit_train_step(task: Any, tx: optax.GradientTransformation, schedule: optax.Schedule,
+def jit_train_step(task: Task, tx: optax.GradientTransformation, schedule: optax.Schedule,
                    state_shardings: Any, frozen_shardings: Any, mesh: Mesh) -> Callable:
   """The jitted step: state donated, frozen kept, batch split over the mesh, metrics replicated."""
-  return jax.jit(make_train_step(task.loss_fn, tx, schedule, task.config.get("ema_decay"),
-                                 has_model_state(task)),
+  return jax.jit(make_train_step(task, tx, schedule),
                  in_shardings=(state_shardings, frozen_shardings,
                                sharding.batch_sharding(mesh)),
                  out_shardings=(state_shardings, sharding.replicated(mesh)),
                  donate_argnums=(0,))
 
 
-def make_evaluator(task: Any, config: ml_collections.ConfigDict, mesh: Mesh,
+def make_evaluator(task: Task, config: ml_collections.ConfigDict, mesh: Mesh,
                    frozen: Any = None) -> Callable[..., dict[str, float]] | None:
-  """`evaluate(state, params_key, prefix)` -> {prefix + 'top1', ...} over the eval split, or None.
+  """`evaluate(state)` -> {'val_loss', 'val_top1', ...} over the eval split, or None.
 
-  Tasks with `eval_metrics(params, frozen, batch[, model_state]) -> sums` get one. A
-  missing or empty evaluation split is an error unless `allow_no_eval` says to train
-  without it.
+  Tasks that evaluate return sums (`Task.eval_metrics`): names ending in 'loss_sum'
+  are averaged over 'count', the others are hit counts reported in percent. A
+  missing or empty evaluation split is an error unless `allow_no_eval` says to
+  train without it.
   """
-  if not hasattr(task, "eval_metrics") or not config.eval_every:
+  if not task.evaluates or not config.eval_every:
     return None
   try:
     loader = pipeline.make_eval_loader(
@@ -194,17 +183,20 @@ def make_evaluator(task: Any, config: ml_collections.ConfigDict, mesh: Mesh,
   metrics_fn = jax.jit(task.eval_metrics, out_shardings=sharding.replicated(mesh))
   frozen = {} if frozen is None else frozen
 
-  def evaluate(state: dict[str, Any], params_key: str = "params",
-               prefix: str = "val_") -> dict[str, float]:
-    extra = (state["model_state"],) if "model_state" in state else ()
+  def evaluate(state: dict[str, Any], prefix: str = "val_") -> dict[str, float]:
+    extra = {k: v for k, v in state.items() if k not in TRAIN_STATE_KEYS}
     totals = None
     for batch in loader:
-      sums = metrics_fn(state[params_key], frozen, sharding.global_batch(batch, mesh), *extra)
+      sums = metrics_fn(state["params"], extra, frozen, sharding.global_batch(batch, mesh))
       totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     totals = jax.device_get(totals)
     count = max(int(totals.pop("count")), 1)
-    results = {f"{prefix}loss": float(totals.pop("loss_sum")) / count}
-    results.update({f"{prefix}{k}": 100.0 * float(v) / count for k, v in totals.items()})
+    results = {}
+    for name, value in totals.items():
+      if name.endswith("loss_sum"):
+        results[f"{prefix}{name[:-len('_sum')]}"] = float(value) / count
+      else:
+        results[f"{prefix}{name}"] = 100.0 * float(value) / count
     return results
 
   return evaluate
@@ -275,7 +267,7 @@ def _preemption_service_running() -> bool:
 # ----------------------------------------------------------------------------
 # The loop
 # ----------------------------------------------------------------------------
-def train(config: ml_collections.ConfigDict, workdir: str, task: Any) -> dict[str, float]:
+def train(config: ml_collections.ConfigDict, workdir: str, task: Task) -> dict[str, float]:
   """Trains `task` as `config` says, in `workdir`; resumes from its latest checkpoint.
 
   Returns the last logged metrics.
@@ -285,10 +277,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Any) -> dict[st
   # --- Mesh and data -------------------------------------------------------
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
   sharding.check_batch_size(config.batch_size, mesh)
-  needs_labels = getattr(task, "needs_labels", False)
+  spec = task.data_spec
+  needs_labels = spec.labels
   loader = pipeline.make_train_loader(
       config.data, global_batch_size=config.batch_size, seed=config.seed,
-      image_size=config.image_size, process_index=jax.process_index(),
+      image_size=spec.views[0].size, process_index=jax.process_index(),
       process_count=jax.process_count(), with_labels=needs_labels)
   if needs_labels and loader.num_classes and loader.num_classes != config.num_classes:
     raise ConfigError(f"num_classes={config.num_classes} but the data set "
@@ -298,9 +291,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Any) -> dict[st
 
   # --- State: abstract shapes -> shardings -> init directly sharded ----------
   abstract_params = jax.eval_shape(task.init_params, jax.random.PRNGKey(0))
-  decay_mask = task.weight_decay_mask(abstract_params) if hasattr(
-      task, "weight_decay_mask") else None
-  tx, schedule = make_optimizer(config, abstract_params, total_steps, warmup_steps, decay_mask)
+  tx, schedule = make_optimizer(config, abstract_params, total_steps, warmup_steps,
+                                task.weight_decay_mask(abstract_params),
+                                task.layer_ids(abstract_params))
   abstract_state, state_shardings, init_state = prepare_state(task, tx, config, mesh)
   frozen, frozen_meta = task.load_frozen()
   frozen, frozen_shardings = place_frozen(frozen, config, mesh)
@@ -322,11 +315,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Any) -> dict[st
     logging.info("Resumed from step %d in %s", latest, ckpt.directory)
   else:
     state = init_state()
-    if hasattr(task, "merge_pretrained"):  # weights from config.init, on the same shardings
-      merged = task.merge_pretrained(host_copy(state["params"]))
-      state["params"] = jax.device_put(merged, state_shardings["params"])
-      if "ema_params" in state:
-        state["ema_params"] = jax.device_put(merged, state_shardings["ema_params"])
+    # Weights from config.init, on the same shardings; the extra state (an EMA, a
+    # momentum encoder) starts from the params the run starts with.
+    merged = task.merge_pretrained(host_copy(state["params"]))
+    state["params"] = jax.device_put(merged, state_shardings["params"])
+    extra_shardings = {k: v for k, v in state_shardings.items() if k not in TRAIN_STATE_KEYS}
+    state.update(jax.jit(task.init_extra, out_shardings=extra_shardings)(state["params"]))
   start_step = int(jax.device_get(state["step"]))
   logging.info("Model: %s parameters | mesh %s | global batch %d | %d steps (%d warm-up), "
                "%d train examples", f"{count_params(abstract_params):,}", dict(mesh.shape),
@@ -339,7 +333,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Any) -> dict[st
 
   figure_images = None
   # Every process computes the figure (params may be sharded across hosts); one writes it.
-  if config.image_every and hasattr(task, "reconstruct"):
+  if config.image_every and task.figure_columns:
     figure_images = figure_examples(config)
 
   # Replicated output: with several processes every one can fetch it.
@@ -349,7 +343,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Any) -> dict[st
   def write_figure(step: int) -> None:
     if reconstruct is None:
       return
-    views = jax.device_get(reconstruct(state["params"], figure_images,
+    extra = {k: v for k, v in state.items() if k not in TRAIN_STATE_KEYS}
+    views = jax.device_get(reconstruct(state["params"], extra, frozen, figure_images,
                                        jax.random.PRNGKey(config.seed)))
     if not primary:
       return
@@ -415,8 +410,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Any) -> dict[st
         throughput.reset_clock(step)  # images/s measures training, not the save
       if evaluator is not None and (step % config.eval_every == 0 or final):
         results = evaluator(state)
-        if "ema_params" in state:
-          results.update(evaluator(state, "ema_params", "val_ema_"))
         metrics.log_line(step, total_steps, results)
         writer.write(step, results)
         last_scalars = {**last_scalars, **results}

@@ -2,7 +2,7 @@
 layer-wise lr decay (fine-tuning)."""
 
 import re
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +12,7 @@ from mim_jax.errors import ConfigError
 from mim_jax.trainer.tree import path_str
 
 # Weight decay applies to matrices and conv kernels only: biases, LayerNorm scales,
-# cls/mask tokens and position embeddings are excluded (method.md §2 recipe).
+# cls/mask tokens and position embeddings are excluded (docs/methods.md, MAE recipe).
 DECAY_PATTERN = r"(^|/)kernel$"
 
 
@@ -61,14 +61,11 @@ def lars(schedule: optax.Schedule, *, momentum: float, weight_decay: float,
       optax.scale_by_learning_rate(schedule))
 
 # ---------------------------------------------------------------------------
-# Fine-tuning (method.md §5): layer-wise lr decay and MAE's weight-decay rule.
+# Fine-tuning (docs/methods.md): layer-wise lr decay and MAE's weight-decay rule.
 
 # Leaves that are never decayed although they have ndim >= 2 (MAE / timm
 # `no_weight_decay()`: tokens and position embeddings).
 NO_DECAY_NAMES = frozenset({"cls_token", "pos_embed", "mask_token", "dist_token"})
-# Top-level encoder names that belong to layer 0 (MAE `get_layer_id_for_vit`).
-EMBEDDING_NAMES = frozenset({"patch_embed", "cls_token", "pos_embed"})
-_BLOCK = re.compile(r"blocks_(\d+)")
 
 
 def finetune_weight_decay_mask(params: Any) -> Any:
@@ -88,34 +85,6 @@ def finetune_weight_decay_mask(params: Any) -> Any:
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def layer_id(path: str, depth: int) -> int:
-  """MAE's `get_layer_id_for_vit` on a mim_jax param path.
-
-  Patch embedding, cls token and position embedding -> 0; `blocks_{i}` -> i + 1;
-  anything else (`norm`, `fc_norm`, `head`, ...) -> depth + 1. A leading `params/`
-  and/or `encoder/` is ignored, so encoder trees and wrapped trees both work.
-
-  Raises:
-    ConfigError: a `blocks_{i}` with i >= depth (the tree has more blocks than
-      `depth`, e.g. D²-MAE's attention-only block, which fine-tuning drops).
-  """
-  parts = path.split("/")
-  for prefix in ("params", "encoder"):
-    if len(parts) > 1 and parts[0] == prefix:
-      parts = parts[1:]
-  top = parts[0]
-  if top in EMBEDDING_NAMES:
-    return 0
-  block = _BLOCK.fullmatch(top)
-  if block:
-    index = int(block.group(1))
-    if index >= depth:
-      raise ConfigError(f"param {path!r} is block {index + 1} but the model depth is {depth}; "
-                        "set the right depth or drop extra blocks (D²-MAE's 13th) first")
-    return index + 1
-  return depth + 1
-
-
 def _check_layer_decay(depth: int, decay: float) -> None:
   if not isinstance(depth, int) or depth < 1:
     raise ConfigError(f"layer-wise lr decay needs depth >= 1, got {depth!r}")
@@ -123,11 +92,22 @@ def _check_layer_decay(depth: int, decay: float) -> None:
     raise ConfigError(f"layer_decay must be in (0, 1], got {decay}")
 
 
-def layerwise_lr_scales(params: Any, depth: int, decay: float) -> Any:
-  """A pytree of Python floats like `params`: decay ** (depth + 1 - layer_id) (head: 1.0)."""
-  _check_layer_decay(depth, decay)
-  return jax.tree_util.tree_map_with_path(
-      lambda path, _: float(decay ** (depth + 1 - layer_id(path_str(path), depth))), params)
+def lr_scales_from_layer_ids(layer_ids: Any, num_layers: int, decay: float) -> Any:
+  """decay ** (num_layers + 1 - id) for every leaf of a pytree of int layer ids."""
+  _check_layer_decay(num_layers, decay)
+  return jax.tree.map(lambda i: float(decay ** (num_layers + 1 - i)), layer_ids)
+
+
+def layerwise_lr_scales(params: Any, num_layers: int, decay: float,
+                        layer_id: Callable[[str, int], int]) -> Any:
+  """A pytree of Python floats like `params`: decay ** (num_layers + 1 - layer_id) (head: 1.0).
+
+  `layer_id(path, num_layers)` is the backbone's (`models.registry.Backbone.layer_id`):
+  0 for the embedding, i for layer i, num_layers + 1 for the head.
+  """
+  ids = jax.tree_util.tree_map_with_path(lambda path, _: layer_id(path_str(path), num_layers),
+                                         params)
+  return lr_scales_from_layer_ids(ids, num_layers, decay)
 
 
 def scale_per_leaf(scales: Any) -> optax.GradientTransformation:

@@ -40,10 +40,3 @@ def shape_problems(found: dict[str, tuple[int, ...]], wanted: dict[str, tuple[in
                      if k in found and tuple(found[k]) != tuple(wanted[k]) and not ignore(k)],
   }
   return {kind: names for kind, names in problems.items() if names}
-
-
-def count_blocks(params: Any) -> int:
-  """Number of transformer blocks (`blocks_{i}` entries) in a ViT encoder's params, or in
-  its `encoder` entry."""
-  tree = params.get("encoder", params) if isinstance(params, dict) else params
-  return sum(1 for name in tree if str(name).startswith("blocks_"))

@@ -16,15 +16,14 @@ import numpy as np
 
 from mim_jax.convert import converted, pretrained
 from mim_jax.data import pipeline
-from mim_jax.models.vit import VisionTransformer
 from mim_jax.objectives import probe
-from mim_jax.tasks.pretrain import normalize_images
+from mim_jax.tasks.base import normalize_images
 
 
-def encoder_for(source: converted.Converted, image_size: int) -> tuple[VisionTransformer, Any]:
+def encoder_for(source: converted.Converted, image_size: int) -> tuple[Any, Any]:
   """The source's encoder (no head, blocks 1..depth) and params at `image_size`."""
   arch = {**source.arch, "num_classes": 0}
-  model = VisionTransformer(**converted.encoder_kwargs(arch))
+  model = converted.build_encoder(arch)
   params = {k: v for k, v in source.params["encoder"].items()
             if not k.startswith("head") and k != f"blocks_{arch['depth']}"}
   if "pos_embed" in params:
@@ -33,7 +32,7 @@ def encoder_for(source: converted.Converted, image_size: int) -> tuple[VisionTra
   return model, params
 
 
-def split_features(model: VisionTransformer, params: Any, data_config: Any, split: str,
+def split_features(model: Any, params: Any, data_config: Any, split: str,
                    image_size: int, batch_size: int = 128) -> tuple[np.ndarray, np.ndarray]:
   """(features (N, d), labels (N,)) of a whole split."""
   loader = pipeline.make_eval_loader(data_config, global_batch_size=batch_size,
