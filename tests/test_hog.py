@@ -134,7 +134,7 @@ def photos8bit_fixture():
 @pytest.mark.parametrize("window", [0, 16])
 def test_targets_match_float64_reference(photos8bit, window):
   noise = np.random.default_rng(0).normal(size=photos8bit.shape)
-  for name, images in {"8-bit photos": photos8bit, "normalised noise": noise}.items():
+  for name, images in {"8-bit photos": photos8bit, "gaussian noise": noise}.items():
     images = images.astype(np.float32)
     got = np.asarray(targets(images, patch_size=16, gaussian_window=window))
     want = numpy_patch_targets(numpy_hog_cells(images, window=window), 2)
