@@ -113,10 +113,15 @@ def hog_cells(images: jax.Array, *, nbins: int = NBINS, cell_size: int = CELL_SI
     window = np.tile(gaussian_window_kernel(gaussian_window),
                      (height // gaussian_window, width // gaussian_window))
     magnitude = magnitude * window[None, :, :, None]
-  # One-hot scatter; XLA fuses it into the cell sum, so (B, H, W, 3, nbins) is never stored.
-  votes = jnp.where(bins[..., None] == jnp.arange(nbins), magnitude[..., None], 0.0)
-  cells = votes.reshape(batch, height // cell_size, cell_size, width // cell_size,
-                        cell_size, channels, nbins).sum(axis=(2, 4))
+
+  def cell_sums(k):  # the scatter_add_ of one bin, summed over each cell
+    votes = jnp.where(bins == k, magnitude, 0.0)
+    return votes.reshape(batch, height // cell_size, cell_size, width // cell_size,
+                         cell_size, channels).sum(axis=(2, 4))
+
+  # One bin at a time: a one-hot (B, H, W, 3, nbins) would be stored whole on the CPU
+  # (173 MB for 32 images at 224 px, against 22 MB).
+  cells = jnp.moveaxis(jax.lax.map(cell_sums, jnp.arange(nbins)), 0, -1)
   norm = jnp.sqrt(jnp.sum(cells * cells, axis=-1, keepdims=True))
   return cells / jnp.maximum(norm, 1e-12)
 
