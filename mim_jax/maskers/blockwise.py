@@ -18,7 +18,9 @@ patches of the (height, width) token grid are masked, it places one rectangle:
 where max_mask_patches = min(num_masking_patches - masked so far, max_num_patches).
 The outer loop stops when an attempt round added nothing, so the mask can hold FEWER
 than num_masking_patches patches (never more); this is reproduced, not corrected
-(BEiT v2's copy tops the count up with random patches; this is v1's behaviour).
+(BEiT v2's copy tops the count up with random patches; this is v1's behaviour). Over
+2000 seeds, 34 % of BEiT's masks fall short of 75 (mean 74.5, min 63) and 29 % of
+MaskFeat's short of 78 (mean 77.6, min 70); on tiny grids a mask can even be empty.
 
 Python's `random.uniform(a, b)` is `a + (b - a) * random()` and `random.randint(a, b)`
 is uniform over [a, b]: here they are `a + (b - a) * rng.random()` and
