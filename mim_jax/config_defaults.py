@@ -25,6 +25,13 @@ def vit_model_config(**overrides: Any) -> ml_collections.ConfigDict:
       # decoder, a teacher below its distilled layer, undistilled student blocks, every
       # block of a classifier); cudnn = cuDNN flash attention (GPU, bfloat16)
       attention_impl="explicit",
+      drop_path_rate=0.0,  # stochastic depth of the last block (linear in depth)
+      # Options of BEiT / SimMIM-style ViTs (MAE's ViT: qkv, none, None, True, mae):
+      qkv_bias="qkv",  # qkv: one bias on the fused projection | qv: q and v only | none
+      rel_pos_bias="none",  # none | shared (one table for all blocks) | per_block
+      layer_scale=config_dict.placeholder(float),  # per-channel residual scale init; None = off
+      abs_pos_embed=True,  # False: no absolute position embedding (SimMIM's ViT)
+      weight_init="mae",  # mae | simmim (truncated normal, rescaled output projections)
   ))
   model.update(overrides)
   return model
@@ -152,7 +159,6 @@ def finetune_config() -> ml_collections.ConfigDict:
 
   config.model = vit_model_config(
       pool="gap",  # global average pooling of patch tokens + fc_norm; 'cls' = cls token
-      drop_path_rate=0.0,
   )
   config.optimizer = ml_collections.ConfigDict(dict(
       name="adamw", base_lr=1e-3, end_lr=1e-6, b1=0.9, b2=0.999, weight_decay=0.05,

@@ -219,7 +219,8 @@ def test_bf16_mae_matches_fp32_and_keeps_params_loss_and_grads_fp32():
 
 def test_bf16_d2mae_terms_match_fp32_with_a_separate_teacher_dtype(teacher_path):
   fp32, bf16 = task_pair(tiny_distill_config(teacher_path), teacher_dtype="float32")
-  assert bf16.distiller.teacher.dtype == jnp.float32 and bf16.model.encoder.dtype == jnp.bfloat16
+  assert bf16.distiller.teacher.dtype == jnp.float32
+  assert bf16.model.encoder.dtype == jnp.bfloat16
   assert bf16.model.decoder.dtype == jnp.bfloat16  # mae.decoder.dtype unset: model.dtype
   params = random_params(fp32.init_params)
   frozen, _ = fp32.load_frozen()
@@ -246,7 +247,7 @@ def test_d2mae_train_step_with_scan_and_remat_equals_the_unrolled_step(teacher_p
   config.model.update(scan_blocks=True, remat="block")
   config.distill.teacher_scan_blocks = True
   scanned = build_task(config)
-  assert scanned.model.encoder.scan_blocks and scanned.teacher.scan_blocks
+  assert scanned.model.encoder.scan_blocks and scanned.distiller.teacher.scan_blocks
 
   # The state (what checkpoints hold) has the per-block layout either way.
   shapes = jax.eval_shape(plain.init_params, jax.random.PRNGKey(0))
@@ -327,7 +328,7 @@ def test_fused_attention_runs_only_where_logits_are_unread_and_changes_nothing(
 @pytest.mark.parametrize("key, value, message", [
     ("model.dtype", "float16", "model.dtype='float16' is not a compute dtype"),
     ("model.remat", "full", "model.remat='full' is unknown"),
-    ("model.decoder.dtype", "int8", "model.decoder.dtype='int8'"),
+    ("mae.decoder.dtype", "int8", "mae.decoder.dtype='int8'"),
     ("model.scan_blocks", 1, "model.scan_blocks=1 must be True or False"),
     ("model.attention_impl", "flash", "model.attention_impl='flash' is unknown"),
     pytest.param("model.attention_impl", "cudnn", "'cudnn' needs a GPU, but JAX runs on 'cpu'",

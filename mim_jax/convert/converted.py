@@ -29,9 +29,13 @@ ARCH_DEFAULTS: dict[str, Any] = {
     "depth": None,
     "num_heads": None,
     "mlp_ratio": 4.0,
-    "posemb": "sincos",  # 'sincos': a constant, not stored; 'learn': encoder/pos_embed
+    "posemb": "sincos",  # 'sincos': a constant, not stored; 'learn': encoder/pos_embed; 'none'
+
     "pool": "cls",  # 'cls' (final `norm`) or 'gap' (`fc_norm`, no `norm`)
     "num_classes": 0,
+    "qkv_bias": "qkv",  # 'qkv' | 'qv' (q_bias, v_bias) | 'none'
+    "rel_pos_bias": "none",  # 'none' | 'shared' | 'per_block' relative position bias
+    "layer_scale": None,  # per-channel residual scales (gamma_1, gamma_2) when set
     "extra_attention_block": False,  # D²-MAE's attention-only block `blocks_{depth}`
     "decoder": None,  # None or {'width', 'depth', 'num_heads'}
     "source": "",
@@ -66,8 +70,8 @@ def check_arch(arch: dict[str, Any]) -> dict[str, Any]:
   missing = [k for k in ("width", "depth", "num_heads") if not full[k]]
   if missing:
     raise UserError(f"architecture description lacks {missing}")
-  if full["posemb"] not in ("sincos", "learn") or full["pool"] not in ("cls", "gap"):
-    raise UserError(f"architecture has posemb={full['posemb']!r} (sincos|learn) and "
+  if full["posemb"] not in ("sincos", "learn", "none") or full["pool"] not in ("cls", "gap"):
+    raise UserError(f"architecture has posemb={full['posemb']!r} (sincos|learn|none) and "
                     f"pool={full['pool']!r} (cls|gap)")
   if full["decoder"] is not None:
     decoder_missing = {"width", "depth", "num_heads"} - set(full["decoder"])

@@ -14,7 +14,7 @@ import flax.linen as nn
 
 from mim_jax import flops
 from mim_jax.errors import ConfigError
-from mim_jax.models import registry, vit
+from mim_jax.models import attention, layers, registry, vit
 
 # Top-level encoder names that belong to layer 0 (MAE `get_layer_id_for_vit`).
 EMBEDDING_NAMES = frozenset({"patch_embed", "cls_token", "pos_embed", "mask_token"})
@@ -22,7 +22,11 @@ _BLOCK = re.compile(r"blocks_(\d+)")
 # Keys of an architecture description that select the module (the rest describe
 # where the weights came from, or the MAE decoder).
 ARCH_MODULE_KEYS = ("patch_size", "width", "depth", "num_heads", "mlp_ratio", "posemb", "pool",
-                    "num_classes")
+                    "num_classes", "qkv_bias", "rel_pos_bias", "layer_scale")
+# `config.model` keys that are module fields as they are (older configs lack some).
+OPTION_DEFAULTS = {"mlp_ratio": 4.0, "remat": "none", "scan_blocks": False,
+                   "qkv_bias": "qkv", "rel_pos_bias": "none", "layer_scale": None,
+                   "weight_init": "mae", "drop_path_rate": 0.0}
 
 
 def shape_of(variant: str | None, **overrides: Any) -> dict[str, Any]:
@@ -76,26 +80,46 @@ class ViT(registry.Backbone):
                         f"{sorted(vit.REMAT_POLICIES)}")
     if not isinstance(model_config.get("scan_blocks", False), bool):
       raise ConfigError(f"model.scan_blocks={model_config['scan_blocks']!r} must be True or False")
+    for key, allowed in (("qkv_bias", attention.QKV_BIASES),
+                         ("rel_pos_bias", attention.REL_POS_BIASES),
+                         ("weight_init", layers.WEIGHT_INITS)):
+      value = model_config.get(key, OPTION_DEFAULTS[key])
+      if value not in allowed:
+        raise ConfigError(f"model.{key}={value!r} is unknown; choose from {allowed}")
+    scale = model_config.get("layer_scale")
+    if scale is not None and not scale > 0:
+      raise ConfigError(f"model.layer_scale={scale!r} must be positive, or None for none")
+    rate = model_config.get("drop_path_rate", 0.0)
+    if not 0.0 <= rate < 1.0:
+      raise ConfigError(f"model.drop_path_rate={rate} must be in [0, 1)")
+
+  def options(self, model_config: Any) -> dict[str, Any]:
+    """The module fields `config.model` sets (defaults for keys older configs lack)."""
+    return {key: model_config.get(key, default) for key, default in OPTION_DEFAULTS.items()}
 
   def build(self, model_config: Any, **role: Any) -> vit.VisionTransformer:
-    """Role: posemb ('sincos' | 'learn'), pool, num_classes, drop_path_rate,
-    extra_attention_block, remat (None = model.remat) ..., any `VisionTransformer` field."""
+    """Role: posemb ('sincos' | 'learn'; 'none' when model.abs_pos_embed is False), pool,
+    num_classes, mask_token, extra_attention_block, ..., any `VisionTransformer` field."""
     kwargs = dict(patch_size=model_config["patch_size"],
-                  mlp_ratio=model_config.get("mlp_ratio", 4.0),
                   dtype=registry.compute_dtype(model_config["dtype"], "model.dtype"),
-                  remat=model_config.get("remat", "none"),
-                  scan_blocks=model_config.get("scan_blocks", False),
                   attention_impl=registry.attention_impl(model_config),
-                  **self.shape(model_config))
+                  **self.options(model_config), **self.shape(model_config))
     kwargs.update(role)
+    if not model_config.get("abs_pos_embed", True):
+      kwargs["posemb"] = "none"
     return vit.VisionTransformer(**kwargs)
 
   def arch(self, model_config: Any, image_size: int, **role: Any) -> dict[str, Any]:
     """Role: posemb ('sincos'), pool ('cls'), num_classes (0), extra_attention_block."""
-    return {"backbone": self.name, "patch_size": model_config["patch_size"],
+    options = self.options(model_config)
+    arch = {"backbone": self.name, "patch_size": model_config["patch_size"],
             "image_size": image_size, **self.shape(model_config),
-            "mlp_ratio": model_config.get("mlp_ratio", 4.0), "posemb": "sincos", "pool": "cls",
-            "num_classes": 0, "extra_attention_block": False, **role}
+            "mlp_ratio": options["mlp_ratio"], "posemb": "sincos", "pool": "cls",
+            "num_classes": 0, "extra_attention_block": False,
+            **{k: options[k] for k in ("qkv_bias", "rel_pos_bias", "layer_scale")}, **role}
+    if not model_config.get("abs_pos_embed", True):
+      arch["posemb"] = "none"
+    return arch
 
   def build_from_arch(self, arch: dict[str, Any], **role: Any) -> vit.VisionTransformer:
     kwargs = {k: arch[k] for k in ARCH_MODULE_KEYS}

@@ -7,11 +7,13 @@ from mim_jax.tasks.base import Task
 from mim_jax.tasks.finetune import FinetuneTask
 from mim_jax.tasks.linear_probe import LinearProbeTask
 from mim_jax.tasks.mae import MaeTask
+from mim_jax.tasks.simmim import SimMIMTask
 
 TASKS: dict[str, type[Task]] = {
     "mae": MaeTask,
     "dmae": MaeTask,  # MAE + attention distillation from a frozen teacher
     "d2mae": MaeTask,  # ... decoupled: an attention-only 13th block, decoder on block 8
+    "simmim": SimMIMTask,
     "finetune": FinetuneTask,
     "linear_probe": LinearProbeTask,
 }

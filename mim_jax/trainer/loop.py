@@ -49,18 +49,20 @@ OPTIMIZERS = ("adamw", "sgd", "lars")
 
 
 def make_optimizer(config: ml_collections.ConfigDict, params: Any, total_steps: int,
-                   warmup_steps: int, decay_mask: Any = None, layer_ids: Any = None
+                   warmup_steps: int, decay_mask: Any = None, layer_ids: Any = None,
+                   steps_per_epoch: float = 1.0
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """AdamW, SGD with momentum, or LARS (MAE's linear probe) on the warm-up + cosine schedule.
 
   `optimizer.layer_decay` (fine-tuning) scales each leaf's lr by
   decay ** (num_layers + 1 - layer id), with `layer_ids` = (the task's layer id of
   every leaf, num_layers); the logged lr is the head's. `decay_mask` (default:
-  kernels only) says where weight decay applies.
+  kernels only) says where weight decay applies. `optimizer.clip_grad_norm` clips
+  the gradients' global norm first (SimMIM: 5).
   """
   opt = config.optimizer
-  peak = optim.scaled_learning_rate(opt.base_lr, config.batch_size)
-  schedule = optim.warmup_cosine(peak, warmup_steps, total_steps, opt.end_lr)
+  schedule = optim.schedule_from_config(opt, config.batch_size, total_steps, warmup_steps,
+                                        steps_per_epoch)
   decay_mask = optim.weight_decay_mask(params) if decay_mask is None else decay_mask
   name = opt.get("name", "adamw")
   if name not in OPTIMIZERS:
@@ -82,6 +84,11 @@ def make_optimizer(config: ml_collections.ConfigDict, params: Any, total_steps: 
     ids, num_layers = layer_ids
     tx = optax.chain(tx, optim.scale_per_leaf(optim.lr_scales_from_layer_ids(ids, num_layers,
                                                                             layer_decay)))
+  clip = opt.get("clip_grad_norm")
+  if clip is not None:
+    if not clip > 0:
+      raise ConfigError(f"optimizer.clip_grad_norm={clip} must be positive, or None")
+    tx = optax.chain(optax.clip_by_global_norm(clip), tx)
   return tx, schedule
 
 
@@ -293,7 +300,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task) -> dict[s
   abstract_params = jax.eval_shape(task.init_params, jax.random.PRNGKey(0))
   tx, schedule = make_optimizer(config, abstract_params, total_steps, warmup_steps,
                                 task.weight_decay_mask(abstract_params),
-                                task.layer_ids(abstract_params))
+                                task.layer_ids(abstract_params), loader.steps_per_epoch)
   abstract_state, state_shardings, init_state = prepare_state(task, tx, config, mesh)
   frozen, frozen_meta = task.load_frozen()
   frozen, frozen_shardings = place_frozen(frozen, config, mesh)

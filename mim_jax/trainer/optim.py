@@ -2,7 +2,7 @@
 layer-wise lr decay (fine-tuning)."""
 
 import re
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -28,12 +28,52 @@ def scaled_learning_rate(base_lr: float, global_batch_size: int) -> float:
 
 
 def warmup_cosine(peak_lr: float, warmup_steps: int, total_steps: int,
-                  end_lr: float = 0.0) -> optax.Schedule:
-  """Per-step linear warm-up from 0 to `peak_lr`, then cosine to `end_lr` at `total_steps`."""
+                  end_lr: float = 0.0, start_lr: float = 0.0) -> optax.Schedule:
+  """Per-step linear warm-up from `start_lr` to `peak_lr`, then cosine to `end_lr` at
+  `total_steps`."""
   warmup_steps = min(warmup_steps, total_steps)
   return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=peak_lr, warmup_steps=warmup_steps,
+      init_value=start_lr, peak_value=peak_lr, warmup_steps=warmup_steps,
       decay_steps=max(total_steps, warmup_steps + 1), end_value=end_lr)
+
+
+def warmup_multistep(peak_lr: float, warmup_steps: int, milestones: Sequence[int],
+                     decay_rate: float, start_lr: float = 0.0) -> optax.Schedule:
+  """Linear warm-up from `start_lr` to `peak_lr`, then peak_lr * decay_rate ** (number of
+  milestones <= step): SimMIM's `MultiStepLRScheduler` (timm-style, per step)."""
+  milestones = jnp.asarray(sorted(milestones), jnp.int32)
+
+  def schedule(step: jax.Array) -> jax.Array:
+    warm = start_lr + (peak_lr - start_lr) * step / max(warmup_steps, 1)
+    decays = jnp.sum(milestones <= step)
+    return jnp.where(step < warmup_steps, warm, peak_lr * decay_rate**decays)
+
+  return schedule
+
+
+SCHEDULES = ("warmup_cosine", "warmup_multistep")
+
+
+def schedule_from_config(opt: Any, batch_size: int, total_steps: int, warmup_steps: int,
+                         steps_per_epoch: float) -> optax.Schedule:
+  """`optimizer.schedule` of a config: lrs are per 256 images (`scaled_learning_rate`).
+
+  warmup_cosine (MAE): optimizer.warmup_start_lr -> base_lr, cosine to end_lr.
+  warmup_multistep (SimMIM): optimizer.warmup_start_lr -> base_lr, then x decay_rate at
+  each of optimizer.milestone_epochs.
+  """
+  name = opt.get("schedule", "warmup_cosine")
+  peak = scaled_learning_rate(opt.base_lr, batch_size)
+  start = scaled_learning_rate(opt.get("warmup_start_lr", 0.0), batch_size)
+  if name == "warmup_cosine":
+    return warmup_cosine(peak, warmup_steps, total_steps, opt.end_lr, start)
+  if name == "warmup_multistep":
+    if "milestone_epochs" not in opt or "decay_rate" not in opt:
+      raise ConfigError("optimizer.schedule='warmup_multistep' needs optimizer.milestone_epochs "
+                        "and optimizer.decay_rate")
+    milestones = [int(round(epoch * steps_per_epoch)) for epoch in opt.milestone_epochs]
+    return warmup_multistep(peak, warmup_steps, milestones, opt.decay_rate, start)
+  raise ConfigError(f"optimizer.schedule={name!r} is unknown; choose from {SCHEDULES}")
 
 
 def adamw(schedule: optax.Schedule, *, b1: float, b2: float, weight_decay: float,
@@ -68,7 +108,8 @@ def lars(schedule: optax.Schedule, *, momentum: float, weight_decay: float,
 NO_DECAY_NAMES = frozenset({"cls_token", "pos_embed", "mask_token", "dist_token"})
 
 
-def finetune_weight_decay_mask(params: Any) -> Any:
+def finetune_weight_decay_mask(params: Any,
+                               no_decay_names: frozenset[str] = NO_DECAY_NAMES) -> Any:
   """MAE's fine-tuning rule: decay every leaf with ndim >= 2 except tokens / position embeddings.
 
   Works on arrays and on `jax.eval_shape` structs. Why both this and
@@ -77,11 +118,12 @@ def finetune_weight_decay_mask(params: Any) -> Any:
   On mim_jax's ViT the two agree leaf for leaf (tests check it); the shape rule
   also decays a 2-D leaf that is not called `kernel` (e.g. one a later head adds),
   which is what MAE / timm would do with the same weights, and is what the
-  fine-tuning recipe is compared against.
+  fine-tuning recipe is compared against. `no_decay_names`: the leaf names a
+  reference's `no_weight_decay()` lists (SimMIM's ViT lists only pos_embed, cls_token).
   """
   def decays(path: tuple[Any, ...], leaf: Any) -> bool:
     name = path_str(path).rsplit("/", 1)[-1]
-    return len(leaf.shape) >= 2 and name not in NO_DECAY_NAMES
+    return len(leaf.shape) >= 2 and name not in no_decay_names
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
