@@ -12,7 +12,7 @@ as the MAE-Lite study does:
   * data: RandomResizedCrop(224, scale (0.67, 1)), flip;
   * optimizer: AdamW (0.9, 0.999), eps 1e-8, weight decay 0.05 (not on 1-D params,
     pos_embed, cls_token), gradient norm clipped at 5; lr 1e-4 per 512 images
-    (4e-4 at batch 2048), linear warm-up from 5e-7 per 512 over 10 epochs, then
+    (4e-4 at batch 2048), linear warm-up from 5e-7 per 512 (2e-6) over 10 epochs, then
     multistep x0.1 at epoch 700 (SimMIM's 800-epoch schedule; MAE-Lite keeps the
     milestone for its shorter runs, so 400 epochs run at the peak lr).
 
@@ -44,7 +44,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       name="adamw",
       schedule="warmup_multistep",
       base_lr=0.5e-4,  # per 256 images: SimMIM's 1e-4 per 512
-      warmup_start_lr=2.5e-7,  # per 256 images: SimMIM's 5e-7 per 512
+      warmup_start_lr=2e-6,  # SimMIM's 5e-7 per 512 images, at batch 2048
       milestone_epochs=(700.0,),
       decay_rate=0.1,
       b1=0.9,

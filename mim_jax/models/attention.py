@@ -114,7 +114,7 @@ class Attention(nn.Module):
       raise ValueError(f"qkv_bias={self.qkv_bias!r} is unknown; choose from {QKV_BIASES}")
     head_dim = width // self.num_heads
     qkv = dense(3 * width, self.dtype, "qkv", init=kernel_init(self.weight_init),
-                use_bias=self.qkv_bias == "qkv")(x)
+                use_bias=self.qkv_bias == "qkv", weight_init=self.weight_init)(x)
     if self.qkv_bias == "qv":
       q_bias = self.param("q_bias", nn.initializers.zeros, (width,), PARAM_DTYPE)
       v_bias = self.param("v_bias", nn.initializers.zeros, (width,), PARAM_DTYPE)
@@ -128,7 +128,8 @@ class Attention(nn.Module):
       own = bias_from_table(table, self.rel_pos_grid, positions)
       bias = own if bias is None else bias + own
     proj = lambda out: dense(width, self.dtype, "proj", init=kernel_init(
-        self.weight_init, block=self.block, rescaled=True))(out.reshape(batch, tokens, width))
+        self.weight_init, block=self.block, rescaled=True), weight_init=self.weight_init)(
+            out.reshape(batch, tokens, width))
     if self.impl != "explicit" and not self.logits_only:
       biased = None if bias is None else bias.astype(q.dtype)
       out = jax.nn.dot_product_attention(q, k, v, bias=biased, implementation=self.impl)

@@ -9,7 +9,11 @@ reference code:
 * 'simmim': SimMIM's ViT (`VisionTransformerForSimMIM`), whose `_trunc_normal_`
   truncates N(0, 0.02) at +-1 std for every linear / conv weight and token, and
   whose `fix_init_weight` divides block i's attention output projection and second
-  MLP layer by sqrt(2 i) (i = 1..depth).
+  MLP layer by sqrt(2 i) (i = 1..depth);
+* 'maskfeat': SlowFast's MViT / ViT (`MViT._init_weights`, used by MaskFeat):
+  N(0, 0.02) linear and patch-conv weights (truncated at +-2, i.e. not at all),
+  linear and LayerNorm biases at 0.02, tokens and a learned position embedding
+  N(0, 0.02), the patch conv's bias at PyTorch's default U(+-1/sqrt(fan_in)).
 """
 
 import math
@@ -20,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 PARAM_DTYPE = jnp.float32
-WEIGHT_INITS = ("mae", "simmim")
+WEIGHT_INITS = ("mae", "simmim", "maskfeat")
 Initializer = Callable[..., jax.Array]
 
 xavier_uniform = nn.initializers.xavier_uniform()
@@ -50,15 +54,31 @@ def kernel_init(weight_init: str, *, block: int | None = None, rescaled: bool = 
   if weight_init == "simmim":
     init = truncated_normal_one_std()
     return scaled(init, 1.0 / math.sqrt(2.0 * (block + 1))) if rescaled else init
+  if weight_init == "maskfeat":
+    return token_init
   raise ValueError(f"weight_init={weight_init!r} is unknown; choose from {WEIGHT_INITS}")
 
 
+def bias_init(weight_init: str) -> Initializer:
+  """Linear and LayerNorm biases: 0, or MViT's 0.02 ('maskfeat')."""
+  return nn.initializers.constant(0.02) if weight_init == "maskfeat" else nn.initializers.zeros
+
+
 def patch_kernel_init(weight_init: str) -> Initializer:
-  return mae_patch_init if weight_init == "mae" else truncated_normal_one_std()
+  return {"mae": mae_patch_init, "simmim": truncated_normal_one_std(),
+          "maskfeat": token_init}[weight_init]
+
+
+def patch_bias_init(weight_init: str, fan_in: int) -> Initializer:
+  """The patch projection's bias: 0, or PyTorch's default Conv2d bias ('maskfeat')."""
+  if weight_init != "maskfeat":
+    return nn.initializers.zeros
+  bound = 1.0 / math.sqrt(fan_in)
+  return lambda key, shape, dtype=PARAM_DTYPE: jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
 def token_init_for(weight_init: str) -> Initializer:
-  return token_init if weight_init == "mae" else truncated_normal_one_std()
+  return token_init if weight_init in ("mae", "maskfeat") else truncated_normal_one_std()
 
 
 class LayerNorm(nn.Module):
@@ -69,26 +89,27 @@ class LayerNorm(nn.Module):
   """
   epsilon: float = 1e-6
   dtype: Any = jnp.float32
+  bias_init: Initializer = nn.initializers.zeros
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     width = x.shape[-1]
     scale = self.param("scale", nn.initializers.ones, (width,), PARAM_DTYPE)
-    bias = self.param("bias", nn.initializers.zeros, (width,), PARAM_DTYPE)
+    bias = self.param("bias", self.bias_init, (width,), PARAM_DTYPE)
     x = x.astype(jnp.float32)
     centred = x - x.mean(axis=-1, keepdims=True)
     var = jnp.mean(centred * centred, axis=-1, keepdims=True)
     return (centred * jax.lax.rsqrt(var + self.epsilon) * scale + bias).astype(self.dtype)
 
 
-def layer_norm(name: str, dtype: Any = jnp.float32) -> LayerNorm:
-  return LayerNorm(epsilon=1e-6, dtype=dtype, name=name)
+def layer_norm(name: str, dtype: Any = jnp.float32, weight_init: str = "mae") -> LayerNorm:
+  return LayerNorm(epsilon=1e-6, dtype=dtype, bias_init=bias_init(weight_init), name=name)
 
 
 def dense(features: int, dtype: Any, name: str, *, init: Initializer = xavier_uniform,
-          use_bias: bool = True) -> nn.Dense:
-  return nn.Dense(features, kernel_init=init, dtype=dtype, param_dtype=PARAM_DTYPE, name=name,
-                  use_bias=use_bias)
+          use_bias: bool = True, weight_init: str = "mae") -> nn.Dense:
+  return nn.Dense(features, kernel_init=init, bias_init=bias_init(weight_init), dtype=dtype,
+                  param_dtype=PARAM_DTYPE, name=name, use_bias=use_bias)
 
 
 class Mlp(nn.Module):
@@ -100,10 +121,12 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     width = x.shape[-1]
-    x = dense(self.hidden, self.dtype, "fc1", init=kernel_init(self.weight_init))(x)
+    x = dense(self.hidden, self.dtype, "fc1", init=kernel_init(self.weight_init),
+              weight_init=self.weight_init)(x)
     x = nn.gelu(x, approximate=False)  # exact erf GELU, as PyTorch's nn.GELU
     return dense(width, self.dtype, "fc2",
-                 init=kernel_init(self.weight_init, block=self.block, rescaled=True))(x)
+                 init=kernel_init(self.weight_init, block=self.block, rescaled=True),
+                 weight_init=self.weight_init)(x)
 
 
 def apply_drop_path(x: jax.Array, keep: float | jax.Array, rng: jax.Array) -> jax.Array:

@@ -39,8 +39,8 @@ from mim_jax.models import posembed
 from mim_jax.models.attention import (ATTENTION_IMPLS, QKV_BIASES, REL_POS_BIASES, Attention,
                                       RelativePositionBias)
 from mim_jax.models.layers import (PARAM_DTYPE, WEIGHT_INITS, DropPath, LayerNorm, Mlp,
-                                   apply_drop_path, dense, layer_norm, patch_kernel_init,
-                                   token_init, token_init_for)
+                                   apply_drop_path, dense, layer_norm, patch_bias_init,
+                                   patch_kernel_init, token_init, token_init_for)
 from mim_jax.models.patches import patchify
 
 __all__ = ["ATTENTION_IMPLS", "Block", "DropPath", "LayerNorm", "PARAM_DTYPE", "REMAT_POLICIES",
@@ -95,7 +95,7 @@ class Block(nn.Module):
                keep: jax.Array | None = None, bias: jax.Array | None = None,
                positions: jax.Array | None = None
                ) -> tuple[jax.Array, jax.Array | None, jax.Array]:
-    normed = layer_norm("norm1", self.dtype)(x)
+    normed = layer_norm("norm1", self.dtype, self.weight_init)(x)
     attn_out, logits = Attention(self.num_heads, self.dtype, self.attention_only,
                                  self.attention_impl, self.qkv_bias, self.rel_pos_grid,
                                  self.weight_init, self.index, name="attn")(
@@ -117,7 +117,8 @@ class Block(nn.Module):
     scale = lambda y, gamma: y if gamma is None else y * gamma
     x = x + branch(scale(attn_out, gammas[0]), rngs[0])
     mlp = Mlp(int(width * self.mlp_ratio), self.dtype, self.weight_init, self.index, name="mlp")
-    x = x + branch(scale(mlp(layer_norm("norm2", self.dtype)(x)), gammas[1]), rngs[1])
+    x = x + branch(scale(mlp(layer_norm("norm2", self.dtype, self.weight_init)(x)), gammas[1]),
+                   rngs[1])
     return x, logits, normed
 
 
@@ -148,7 +149,8 @@ class PatchProjection(nn.Module):
   def __call__(self, patches: jax.Array) -> jax.Array:
     kernel = self.param("kernel", patch_kernel_init(self.weight_init),
                         (self.patch_size, self.patch_size, 3, self.width), PARAM_DTYPE)
-    bias = self.param("bias", nn.initializers.zeros, (self.width,), PARAM_DTYPE)
+    bias = self.param("bias", patch_bias_init(self.weight_init, 3 * self.patch_size**2),
+                      (self.width,), PARAM_DTYPE)
     kernel = kernel.reshape(-1, self.width).astype(self.dtype)
     return jnp.dot(patches.astype(self.dtype), kernel) + bias.astype(self.dtype)
 
@@ -241,8 +243,10 @@ class VisionTransformer(nn.Module):
     table = posembed.sincos_2d(self.width, grid, cls_token=True)[None]
     if self.posemb == "sincos":
       return jnp.asarray(table)
-    if self.posemb == "learn":
-      return self.param("pos_embed", lambda *_: jnp.asarray(table, PARAM_DTYPE))
+    if self.posemb == "learn":  # MaskFeat's ViT learns it from N(0, 0.02); MAE's fine-tuning
+      init = (token_init if self.weight_init == "maskfeat"  # starts from the sin-cos table
+              else lambda *_: jnp.asarray(table, PARAM_DTYPE))
+      return self.param("pos_embed", init, table.shape, PARAM_DTYPE)
     raise ValueError(f"unknown posemb {self.posemb!r}; choose from {POSEMBS}")
 
   def drop_rates(self) -> list[float]:
@@ -352,7 +356,7 @@ class VisionTransformer(nn.Module):
       if self.depth + 1 in capture_layers:
         attn_logits[self.depth + 1] = logits
 
-    final_norm = None if self.pool == "gap" else layer_norm("norm", self.dtype)
+    final_norm = None if self.pool == "gap" else layer_norm("norm", self.dtype, self.weight_init)
     tokens = x if final_norm is None else final_norm(x)
     if self.depth in capture_layers:
       hidden[self.depth] = tokens
@@ -362,7 +366,7 @@ class VisionTransformer(nn.Module):
 
     if self.num_classes:
       if self.pool == "gap":
-        pooled = layer_norm("fc_norm", self.dtype)(tokens[:, 1:].mean(axis=1))
+        pooled = layer_norm("fc_norm", self.dtype, self.weight_init)(tokens[:, 1:].mean(axis=1))
       else:
         pooled = tokens[:, 0]
       out["pooled"] = pooled

@@ -7,6 +7,7 @@ from mim_jax.tasks.base import Task
 from mim_jax.tasks.finetune import FinetuneTask
 from mim_jax.tasks.linear_probe import LinearProbeTask
 from mim_jax.tasks.mae import MaeTask
+from mim_jax.tasks.maskfeat import MaskFeatTask
 from mim_jax.tasks.simmim import SimMIMTask
 
 TASKS: dict[str, type[Task]] = {
@@ -14,6 +15,7 @@ TASKS: dict[str, type[Task]] = {
     "dmae": MaeTask,  # MAE + attention distillation from a frozen teacher
     "d2mae": MaeTask,  # ... decoupled: an attention-only 13th block, decoder on block 8
     "simmim": SimMIMTask,
+    "maskfeat": MaskFeatTask,
     "finetune": FinetuneTask,
     "linear_probe": LinearProbeTask,
 }

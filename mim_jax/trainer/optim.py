@@ -56,15 +56,16 @@ SCHEDULES = ("warmup_cosine", "warmup_multistep")
 
 def schedule_from_config(opt: Any, batch_size: int, total_steps: int, warmup_steps: int,
                          steps_per_epoch: float) -> optax.Schedule:
-  """`optimizer.schedule` of a config: lrs are per 256 images (`scaled_learning_rate`).
+  """`optimizer.schedule` of a config: base_lr is per 256 images (`scaled_learning_rate`),
+  warmup_start_lr and end_lr are absolute.
 
-  warmup_cosine (MAE): optimizer.warmup_start_lr -> base_lr, cosine to end_lr.
-  warmup_multistep (SimMIM): optimizer.warmup_start_lr -> base_lr, then x decay_rate at
-  each of optimizer.milestone_epochs.
+  warmup_cosine (MAE): optimizer.warmup_start_lr -> the peak lr, cosine to end_lr.
+  warmup_multistep (SimMIM): optimizer.warmup_start_lr -> the peak lr, then x decay_rate
+  at each of optimizer.milestone_epochs.
   """
   name = opt.get("schedule", "warmup_cosine")
   peak = scaled_learning_rate(opt.base_lr, batch_size)
-  start = scaled_learning_rate(opt.get("warmup_start_lr", 0.0), batch_size)
+  start = opt.get("warmup_start_lr", 0.0)
   if name == "warmup_cosine":
     return warmup_cosine(peak, warmup_steps, total_steps, opt.end_lr, start)
   if name == "warmup_multistep":
