@@ -70,7 +70,9 @@ def test_stage_specs_match_timm():
     assert (timm_config.downsample, timm_config.linear_out, timm_config.preact,
             timm_config.num_features, timm_config.act_layer,
             timm_config.norm_layer) == ("conv1x1", False, False, 0, "relu", "batchnorm"), name
-    stages, _ = timm_regnet.RegNet._get_stage_args(None, timm_config)  # pylint: disable=protected-access
+    # A method that reads nothing of its instance.
+    stages, _ = timm_regnet.RegNet._get_stage_args(  # pylint: disable=protected-access
+        None, timm_config)
     expected = [(s["out_chs"], s["depth"], s["group_size"], s["stride"], s["dilation"])
                 for s in stages]
     ours = [(s.width, s.depth, s.group_size, 2, 1) for s in regnet.stage_specs(config)]

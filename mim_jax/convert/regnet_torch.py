@@ -130,7 +130,9 @@ def params_from_timm_state_dict(state_dict: dict[str, Any], arch: str | RegNetCo
 
 
 def _jax_shape(entry: Entry) -> tuple[int, ...]:
-  return tuple(np.shape(_TO_JAX[entry.kind](np.empty(entry.shape, np.bool_))))
+  if entry.kind == "conv":
+    return tuple(entry.shape[i] for i in (2, 3, 1, 0))
+  return tuple(reversed(entry.shape)) if entry.kind == "linear" else entry.shape
 
 
 def _leaves(tree: Any, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:

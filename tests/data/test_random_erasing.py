@@ -85,7 +85,7 @@ erase_jit = jax.jit(erase, static_argnames="mode")
 def _fill(mode: str, shape: tuple[int, ...], key: jax.Array) -> np.ndarray:
   """What `erase` fills with under `key`: erase every pixel (the fill depends on key only)."""
   full = np.tile(np.array([[0, 0, shape[1], shape[2]]], np.int32), (shape[0], 1))
-  return np.asarray(erase_jit(jnp.zeros(shape, jnp.float32), jnp.asarray(full), key, mode=mode))
+  return np.asarray(erase_jit(np.zeros(shape, np.float32), full, key, mode=mode))
 
 
 def _attempts(calls) -> int:
@@ -93,10 +93,11 @@ def _attempts(calls) -> int:
 
 
 # (height, width), seeds, probability, fill mode. Small and thin images make attempts
-# fail (h >= H or w >= W), and 1x1 ones yield empty (h = 0) boxes, as in timm.
+# fail (h >= H or w >= W), and 1x1 ones yield empty (h = 0) boxes, as in timm. One
+# compilation of `erase` per image batch shape and mode.
 CASES = [((224, 224), 24, 0.25, "pixel"), ((224, 224), 24, 1.0, "pixel"),
-         ((32, 32), 150, 1.0, "pixel"), ((7, 5), 150, 1.0, "pixel"),
-         ((3, 40), 150, 1.0, "pixel"), ((2, 2), 100, 0.25, "pixel"), ((1, 1), 40, 1.0, "pixel"),
+         ((32, 32), 100, 1.0, "pixel"), ((7, 5), 100, 1.0, "pixel"),
+         ((3, 40), 100, 1.0, "pixel"), ((1, 1), 60, 0.25, "pixel"),
          ((32, 32), 60, 1.0, "rand"), ((32, 32), 60, 1.0, "const")]
 
 
@@ -108,8 +109,9 @@ def test_erasing_equals_timm(timm_re, monkeypatch, size, seeds, probability, mod
   boxes = np.stack([field.make(rec) for rec in recorders])
   assert boxes.dtype == np.int32 and boxes.shape == (seeds, 4)
   images = np.random.default_rng(0).standard_normal((seeds, *size, 3)).astype(np.float32)
-  key = jax.random.PRNGKey(1)
-  ours = np.asarray(erase_jit(jnp.asarray(images), jnp.asarray(boxes), key, mode=mode))
+  # Any key type works; 'rbg' compiles in a fraction of threefry's time on the CPU.
+  key = jax.random.key(1, impl="rbg")
+  ours = np.asarray(erase_jit(images, boxes, key, mode=mode))
   fill = _fill(mode, images.shape, key)
 
   reference = timm_re.RandomErasing(probability=probability, mode=mode, max_count=1,
@@ -185,7 +187,7 @@ def test_box_field_pickles_and_is_deterministic():
 def test_erase_keeps_dtype_and_pixels_outside_the_box():
   images = jnp.asarray(np.random.default_rng(0).standard_normal((2, 8, 8, 3)), jnp.bfloat16)
   boxes = jnp.asarray([[1, 2, 3, 4], [0, 0, 0, 0]], jnp.int32)
-  out = erase(images, boxes, jax.random.PRNGKey(0))
+  out = erase_jit(images, boxes, jax.random.key(0, impl="rbg"))
   assert out.dtype == jnp.bfloat16
   mask = np.zeros((2, 8, 8), bool)
   mask[0, 1:4, 2:6] = True
