@@ -1,4 +1,4 @@
-"""The converter never runs code from a checkpoint file.
+"""The converter never runs code from a checkpoint file, and never exports NaN / Inf.
 
 The payloads are real: pickles whose `__reduce__` calls `os.system`,
 `subprocess.call`, `exec` or `eval` to create a marker file. Refused files must
@@ -15,6 +15,7 @@ import shlex
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -261,3 +262,31 @@ def test_cli_refuses_payloads_and_trust_pickle_runs_them(tmp_path, vit):
   assert result.returncode == 0, result.stderr
   assert "runs any code the file holds" in result.stderr
   assert marker.exists() and (tmp_path / "b.npz").exists()
+
+
+# ----------------------------------------------------------------------------
+# Export: NaN / Inf are refused, nothing written
+# ----------------------------------------------------------------------------
+@pytest.mark.parametrize("out_name", ["vit.safetensors", "vit.pth"])
+def test_export_refuses_non_finite_params(tmp_path, vit, out_name):
+  state_dict = {k: v.detach().numpy().copy() for k, v in vit.state_dict().items()}
+  result = torch_format.import_state_dict(state_dict, num_heads=4)
+  params = result.params
+  params["encoder"]["blocks_1"]["attn"]["qkv"]["kernel"][0, :3] = np.nan
+  params["encoder"]["norm"]["scale"][5] = np.inf
+  npz = str(tmp_path / "diverged.npz")
+  converted.save_converted(npz, params, result.arch)
+
+  out = tmp_path / out_name
+  with pytest.raises(UserError) as error:
+    torch_io.export_to_torch(npz, str(out))
+  message = str(error.value)
+  assert repr(npz) in message and "nothing was written" in message and "\n" not in message
+  assert "2 of " in message and "blocks.1.attn.qkv.weight (3 of 3,072 values)" in message
+  assert "norm.weight (1 of 32 values)" in message
+  assert not out.exists() and os.listdir(tmp_path) == ["diverged.npz"]
+
+  exported = torch_format.state_dict_from_params(params, result.arch)
+  with pytest.raises(UserError, match=r"refusing to write .*2 of \d+ tensors hold NaN or Inf"):
+    torch_io.write_torch_state_dict(str(out), exported)
+  assert not out.exists()

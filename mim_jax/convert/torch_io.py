@@ -146,8 +146,15 @@ def _write(path: str, state_dict: dict[str, np.ndarray]) -> None:
 
 
 def write_torch_state_dict(path: str, state_dict: dict[str, np.ndarray]) -> None:
-  """Writes a flat state_dict as .safetensors or .pth/.pt (torch.save), all or nothing."""
-  _write(_check_output_suffix(path), state_dict)
+  """Writes a flat state_dict as .safetensors or .pth/.pt (torch.save), all or nothing.
+
+  Refuses (writing nothing) a state_dict with NaN or Inf values.
+  """
+  path = _check_output_suffix(path)
+  bad = converted.describe_nonfinite(state_dict)
+  if bad:
+    raise UserError(f"refusing to write {path!r}: {bad}; nothing was written")
+  _write(path, state_dict)
 
 
 # ----------------------------------------------------------------------------
@@ -242,13 +249,17 @@ def _load_hint(out_path: str, timm_call: str, include_decoder: bool) -> str:
 
 def export_to_torch(in_path: str, out_path: str, include_decoder: bool = False) -> Summary:
   """A converted .npz or a mim_jax workdir / checkpoint dir -> a timm state_dict file
-  (.safetensors recommended, or .pth).
+  (.safetensors recommended, or .pth). Params with NaN or Inf are refused, nothing written.
   """
   _check_output_suffix(out_path)
   source = converted.load_converted(in_path)
   arch = source.arch
   state_dict = torch_format.state_dict_from_params(source.params, arch,
                                                    include_decoder=include_decoder)
+  bad = converted.describe_nonfinite(state_dict)
+  if bad:
+    raise UserError(f"refusing to export {os.fspath(in_path)!r}: {bad}; nothing was written "
+                    f"(export a checkpoint from before the values went non-finite)")
   _write(os.fspath(out_path), state_dict)
   timm_call = torch_format.timm_create_call(arch,
                                             fc_norm=torch_format.has_fc_norm(source.params))
