@@ -243,6 +243,7 @@ def error_line(result):
   return lines[0]
 
 
+@pytest.mark.slow
 def test_cli_refuses_payloads_and_trust_pickle_runs_them(tmp_path, vit):
   marker = tmp_path / "PWNED"
   evil, name = payload("os.system", marker)

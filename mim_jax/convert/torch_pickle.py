@@ -153,6 +153,6 @@ def _refusal(path: str, what: str) -> UntrustedPickleError:
              if sibling else "")
   return UntrustedPickleError(
       f"refusing to unpickle {path!r}: {what}; if you trust the file, convert it with "
-      f"--trust_pickle (Python: trust_pickle=True), which runs its code, or save its "
-      f"state_dict with safetensors.torch.save_file and convert the "
-      f"{SAFETENSORS_SUFFIX} file{instead}")
+      f"--trust_pickle (Python: trust_pickle=True), which runs its code, on a machine "
+      f"where that is safe, or save its state_dict with safetensors.torch.save_file there "
+      f"and convert the {SAFETENSORS_SUFFIX} file{instead}")
