@@ -399,7 +399,8 @@ def test_reads_pth_tar_with_model_key_and_safetensors(tmp_path):
 
 
 def test_reads_old_pickles_with_python_objects(tmp_path):
-  """MAE's training checkpoints also pickle their argparse Namespace."""
+  """MAE's training checkpoints also pickle their argparse Namespace: read weights-only
+  (torch_pickle.SAFE_GLOBALS), without --trust_pickle."""
   import argparse
   state_dict = small_state_dict()
   path = tmp_path / "checkpoint-399.pth"

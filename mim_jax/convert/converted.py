@@ -90,6 +90,26 @@ def content_hash(params: Any) -> str:
   return digest.hexdigest()
 
 
+def describe_nonfinite(leaves: dict[str, Any], limit: int = 3) -> str:
+  """'' if every value of every leaf is finite; else one line naming up to `limit`
+  leaves with NaN / Inf and how many of their values are."""
+  bad = []
+  for name, leaf in leaves.items():
+    array = np.asarray(leaf)
+    if array.dtype.kind in "biuSUO":  # integers, bools, strings: always finite
+      continue
+    if array.dtype.kind == "V":  # ml_dtypes (bfloat16, float8): isfinite via float32
+      array = array.astype(np.float32)
+    count = int(array.size - np.count_nonzero(np.isfinite(array)))
+    if count:
+      bad.append(f"{name} ({count:,} of {array.size:,} values)")
+  if not bad:
+    return ""
+  more = f" and {len(bad) - limit} more" if len(bad) > limit else ""
+  return (f"{len(bad)} of {len(leaves)} tensors hold NaN or Inf: "
+          f"{', '.join(bad[:limit])}{more}")
+
+
 def unflatten(flat: dict[str, np.ndarray]) -> dict[str, Any]:
   tree: dict[str, Any] = {}
   for name, value in flat.items():

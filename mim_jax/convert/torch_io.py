@@ -1,7 +1,10 @@
 """PyTorch checkpoint files, and the converter's Python API (both directions).
 
 torch is imported inside the functions that need it, so importing this module
-(and `mim_jax.convert`) works without the `torch` extra.
+(and `mim_jax.convert`) works without the `torch` extra. Paths may be local or
+`gs://` (`mim_jax.io`). `.safetensors` (tensors only) is the format to prefer
+both ways; pickled `.pth` files are read weights-only (`torch_pickle`), and one
+holding anything that could run code is refused unless `trust_pickle=True`.
 
   convert_from_torch('mae_pretrain_vit_base.pth', 'mae_base.npz')
   export_to_torch('/tmp/workdir', 'vit_tiny.safetensors')
@@ -9,76 +12,42 @@ torch is imported inside the functions that need it, so importing this module
 
 import dataclasses
 import os
-import pickle
+from io import BytesIO
 from typing import Any
 
 import numpy as np
 from absl import logging
 
-from mim_jax.convert import converted, torch_format
+from mim_jax import io
+from mim_jax.convert import converted, torch_format, torch_pickle
+from mim_jax.convert.torch_pickle import (  # noqa: F401  (UntrustedPickleError: API)
+    SAFETENSORS_SUFFIX, TORCH_SUFFIXES, UntrustedPickleError)
 from mim_jax.errors import UserError
 
 # Where training scripts keep the weights inside a checkpoint dict, in order of preference.
 WEIGHT_ENTRIES = ("model", "state_dict", "module", "model_state", "model_ema",
                   "state_dict_ema")
-TORCH_SUFFIXES = (".pth", ".pt", ".pth.tar", ".bin", ".ckpt")
-SAFETENSORS_SUFFIX = ".safetensors"
-
-
-def _import_torch() -> Any:
-  try:
-    import torch  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    raise UserError("the PyTorch converter needs torch, timm and safetensors: "
-                    "pip install -e '.[torch]'") from None
-  return torch
-
-
-def _first_line(error: BaseException) -> str:
-  text = str(error).strip().splitlines()
-  return f"{type(error).__name__}: {text[0] if text else ''}"
 
 
 # ----------------------------------------------------------------------------
 # Reading
 # ----------------------------------------------------------------------------
-def _load_pickle(path: str) -> Any:
-  """torch.load with weights_only=True; full unpickling only for pickled Python objects."""
-  torch = _import_torch()
-  try:
-    return torch.load(path, map_location="cpu", weights_only=True)
-  except pickle.UnpicklingError as error:
-    if "Unsupported global" not in str(error):
-      raise UserError(f"cannot read {path!r} as a PyTorch checkpoint "
-                      f"({_first_line(error)})") from None
-    found = str(error).split("Unsupported global:", 1)[1].split(" was not")[0].strip()
-    logging.warning("%s stores Python objects besides tensors (%s), so weights_only=True "
-                    "cannot read it; reading it with full unpickling: only do this with "
-                    "files you trust", path, found)
-  except Exception as error:  # zip / EOF / runtime errors: not a readable checkpoint
-    raise UserError(f"cannot read {path!r} as a PyTorch checkpoint "
-                    f"({_first_line(error)})") from None
-  try:
-    return torch.load(path, map_location="cpu", weights_only=False)
-  except Exception as error:
-    raise UserError(f"cannot read {path!r} as a PyTorch checkpoint "
-                    f"({_first_line(error)})") from None
-
-
 def _load_safetensors(path: str) -> dict[str, Any]:
-  _import_torch()
+  torch_pickle.import_torch()
   try:
-    from safetensors.torch import load_file  # pylint: disable=g-import-not-at-top
+    from safetensors.torch import load  # pylint: disable=g-import-not-at-top
   except ImportError:
     raise UserError("reading .safetensors needs safetensors: pip install -e '.[torch]'") from None
+  data = io.read_bytes(path)
   try:
-    return load_file(path, device="cpu")
+    return load(data)
   except Exception as error:
-    raise UserError(f"cannot read {path!r} as safetensors ({_first_line(error)})") from None
+    raise UserError(f"cannot read {path!r} as safetensors "
+                    f"({torch_pickle.first_line(error)})") from None
 
 
 def _is_tensor(value: Any) -> bool:
-  torch = _import_torch()
+  torch = torch_pickle.import_torch()
   return isinstance(value, (torch.Tensor, np.ndarray))
 
 
@@ -88,7 +57,7 @@ def _tensor_dict(value: Any) -> bool:
 
 def _select_weights(obj: Any, path: str) -> tuple[dict[str, Any], str]:
   """The state_dict inside a loaded checkpoint and a note on where it was found."""
-  if hasattr(obj, "state_dict") and callable(obj.state_dict) and not isinstance(obj, dict):
+  if isinstance(obj, torch_pickle.import_torch().nn.Module):  # only from --trust_pickle
     return obj.state_dict(), "the pickled module's state_dict()"
   if not isinstance(obj, dict):
     raise UserError(f"{path!r} holds a {type(obj).__name__}, not a state_dict (a dict of "
@@ -109,7 +78,7 @@ def _select_weights(obj: Any, path: str) -> tuple[dict[str, Any], str]:
 def _to_numpy(tensor: Any) -> np.ndarray:
   if isinstance(tensor, np.ndarray):
     return tensor
-  torch = _import_torch()
+  torch = torch_pickle.import_torch()
   tensor = tensor.detach().cpu()
   if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16; float32 holds it exactly
     tensor = tensor.float()
@@ -118,33 +87,38 @@ def _to_numpy(tensor: Any) -> np.ndarray:
 
 def _check_path(path: str) -> str:
   path = os.fspath(path)
-  if not os.path.isfile(path):
-    what = "a directory" if os.path.isdir(path) else "no such file"
+  if not io.is_file(path):
+    what = "a directory" if io.is_dir(path) else "no such file"
     raise UserError(f"{path!r}: {what}; expected a PyTorch checkpoint file "
-                    f"({', '.join(TORCH_SUFFIXES)} or {SAFETENSORS_SUFFIX})")
+                    f"({SAFETENSORS_SUFFIX} or {', '.join(TORCH_SUFFIXES)})")
   return path
 
 
-def read_torch_checkpoint_with_source(path: str) -> tuple[dict[str, np.ndarray], str]:
+def read_torch_checkpoint_with_source(path: str, *, trust_pickle: bool = False
+                                      ) -> tuple[dict[str, np.ndarray], str]:
   """`read_torch_checkpoint` plus where in the file the weights were found."""
   path = _check_path(path)
   if path.endswith(SAFETENSORS_SUFFIX):
     state_dict, where = _load_safetensors(path), "the safetensors file"
   else:
-    state_dict, where = _select_weights(_load_pickle(path), path)
+    state_dict, where = _select_weights(torch_pickle.load(path, trust_pickle=trust_pickle), path)
+    if trust_pickle:
+      where += " (full unpickling: trust_pickle)"
   logging.info("read %d tensors from %s of %s", len(state_dict), where, path)
   return {str(k): _to_numpy(v) for k, v in state_dict.items()}, where
 
 
-def read_torch_checkpoint(path: str) -> dict[str, np.ndarray]:
-  """The state_dict in a .pth / .pth.tar / .bin / .safetensors file, as numpy arrays.
+def read_torch_checkpoint(path: str, *, trust_pickle: bool = False) -> dict[str, np.ndarray]:
+  """The state_dict in a .safetensors / .pth / .pth.tar / .bin file, as numpy arrays.
 
   A checkpoint dict holding the weights under 'model' (MAE, MAE-Lite), 'state_dict'
   or a similar entry is unwrapped (preferring 'model', then 'state_dict'); the entry
-  used is logged. Files with pickled Python objects besides tensors (older training
-  checkpoints) are read with full unpickling after a warning.
+  used is logged. Pickles are read weights-only (tensors, containers, numbers and
+  `torch_pickle.SAFE_GLOBALS`); one holding anything else raises
+  `UntrustedPickleError` naming it, unless `trust_pickle=True`, which unpickles
+  fully and so runs any code the file holds: only for files you trust.
   """
-  return read_torch_checkpoint_with_source(path)[0]
+  return read_torch_checkpoint_with_source(path, trust_pickle=trust_pickle)[0]
 
 
 # ----------------------------------------------------------------------------
@@ -153,27 +127,34 @@ def read_torch_checkpoint(path: str) -> dict[str, np.ndarray]:
 def _check_output_suffix(path: str) -> str:
   path = os.fspath(path)
   if not path.endswith((".pth", ".pt", SAFETENSORS_SUFFIX)):
-    raise UserError(f"write the PyTorch weights as .pth, .pt or {SAFETENSORS_SUFFIX}; "
-                    f"got {path!r}")
+    raise UserError(f"write the PyTorch weights as {SAFETENSORS_SUFFIX} (tensors only, "
+                    f"recommended), .pth or .pt; got {path!r}")
   return path
 
 
-def write_torch_state_dict(path: str, state_dict: dict[str, np.ndarray]) -> None:
-  """Writes a flat state_dict as .pth/.pt (torch.save) or .safetensors."""
-  path = _check_output_suffix(path)
-  torch = _import_torch()
+def _write(path: str, state_dict: dict[str, np.ndarray]) -> None:
+  torch = torch_pickle.import_torch()
   tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state_dict.items()}
-  partial = f"{path}.partial"
-  try:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    if path.endswith(SAFETENSORS_SUFFIX):
-      from safetensors.torch import save_file  # pylint: disable=g-import-not-at-top
-      save_file(tensors, partial, metadata={"format": "pt"})
-    else:
-      torch.save(tensors, partial)
-    os.replace(partial, path)
-  except OSError as error:
-    raise UserError(f"cannot write {path!r} ({_first_line(error)})") from None
+  if path.endswith(SAFETENSORS_SUFFIX):
+    from safetensors.torch import save  # pylint: disable=g-import-not-at-top
+    data = save(tensors, metadata={"format": "pt"})
+  else:
+    buffer = BytesIO()
+    torch.save(tensors, buffer)
+    data = buffer.getvalue()
+  io.write_bytes(path, data)
+
+
+def write_torch_state_dict(path: str, state_dict: dict[str, np.ndarray]) -> None:
+  """Writes a flat state_dict as .safetensors or .pth/.pt (torch.save), all or nothing.
+
+  Refuses (writing nothing) a state_dict with NaN or Inf values.
+  """
+  path = _check_output_suffix(path)
+  bad = converted.describe_nonfinite(state_dict)
+  if bad:
+    raise UserError(f"refusing to write {path!r}: {bad}; nothing was written")
+  _write(path, state_dict)
 
 
 # ----------------------------------------------------------------------------
@@ -215,11 +196,15 @@ def _count(tree: Any) -> int:
 
 
 def convert_from_torch(in_path: str, out_path: str, *, num_heads: int | None = None,
-                       decoder_num_heads: int | None = None) -> Summary:
-  """A timm / MAE / MAE-Lite checkpoint -> a converted .npz (`converted.load_converted`)."""
+                       decoder_num_heads: int | None = None,
+                       trust_pickle: bool = False) -> Summary:
+  """A timm / MAE / MAE-Lite checkpoint -> a converted .npz (`converted.load_converted`).
+
+  `trust_pickle`: see `read_torch_checkpoint` (True runs any code a pickle holds).
+  """
   if not os.fspath(out_path).endswith(".npz"):
     raise UserError(f"converted weights are written as .npz; got {os.fspath(out_path)!r}")
-  state_dict, where = read_torch_checkpoint_with_source(in_path)
+  state_dict, where = read_torch_checkpoint_with_source(in_path, trust_pickle=trust_pickle)
   try:
     result = torch_format.import_state_dict(state_dict, num_heads=num_heads,
                                             decoder_num_heads=decoder_num_heads,
@@ -248,24 +233,34 @@ def _export_dropped(params: dict[str, Any], arch: dict[str, Any],
 
 
 def _load_hint(out_path: str, timm_call: str, include_decoder: bool) -> str:
-  if out_path.endswith(SAFETENSORS_SUFFIX):
+  safetensors = out_path.endswith(SAFETENSORS_SUFFIX)
+  if safetensors:
     read = f"safetensors.torch.load_file({out_path!r})"
   else:
     read = f"torch.load({out_path!r}, weights_only=True)"
   if include_decoder:
-    return (f"{read} holds MAE's full model (encoder + decoder_* keys, as "
+    hint = (f"{read} holds MAE's full model (encoder + decoder_* keys, as "
             f"models_mae.MaskedAutoencoderViT); the encoder alone loads into {timm_call}")
-  return f"model = {timm_call}; model.load_state_dict({read}, strict=True)"
+  else:
+    hint = f"model = {timm_call}; model.load_state_dict({read}, strict=True)"
+  tip = f" (a {SAFETENSORS_SUFFIX} OUT holds tensors only: no pickle to trust)"
+  return hint if safetensors else hint + tip
 
 
 def export_to_torch(in_path: str, out_path: str, include_decoder: bool = False) -> Summary:
-  """A converted .npz or a mim_jax workdir / checkpoint dir -> a timm state_dict file."""
+  """A converted .npz or a mim_jax workdir / checkpoint dir -> a timm state_dict file
+  (.safetensors recommended, or .pth). Params with NaN or Inf are refused, nothing written.
+  """
   _check_output_suffix(out_path)
   source = converted.load_converted(in_path)
   arch = source.arch
   state_dict = torch_format.state_dict_from_params(source.params, arch,
                                                    include_decoder=include_decoder)
-  write_torch_state_dict(out_path, state_dict)
+  bad = converted.describe_nonfinite(state_dict)
+  if bad:
+    raise UserError(f"refusing to export {os.fspath(in_path)!r}: {bad}; nothing was written "
+                    f"(export a checkpoint from before the values went non-finite)")
+  _write(os.fspath(out_path), state_dict)
   timm_call = torch_format.timm_create_call(arch,
                                             fc_norm=torch_format.has_fc_norm(source.params))
   return Summary(direction="to_torch", in_path=os.fspath(in_path), out_path=os.fspath(out_path),
