@@ -1,4 +1,4 @@
-r"""D²-MAE: decoupled distillation of ViT-Tiny from a frozen MAE ViT-Base (method.md §4).
+r"""D²-MAE: decoupled distillation of ViT-Tiny from a frozen MAE ViT-Base (docs/methods.md §4).
 
 The paper's best recipe. The student has 13 blocks during pre-training: the
 reconstruction decoder reads the final norm of block 8; block 13 only computes

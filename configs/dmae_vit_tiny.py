@@ -1,4 +1,4 @@
-r"""D-MAE: MAE pre-training of ViT-Tiny distilled from a frozen MAE ViT-Base (method.md §3).
+r"""D-MAE: MAE pre-training of ViT-Tiny distilled from a frozen MAE ViT-Base (docs/methods.md §3).
 
 The MAE-Lite recipe of configs/mae_vit_tiny.py plus attention distillation:
 student layer 12's pre-softmax attention logits, through a learnable 12x12 head

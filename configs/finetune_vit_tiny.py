@@ -1,6 +1,6 @@
 r"""Fine-tuning ViT-Tiny (12 heads) on ImageNet-1K: the MAE-Lite recipe (paper Table S1).
 
-method.md §5: AdamW (0.9, 0.999), lr 1e-3 x 1024/256, weight decay 0.05 (none on
+docs/methods.md §7: AdamW (0.9, 0.999), lr 1e-3 x 1024/256, weight decay 0.05 (none on
 1-D params and tokens), batch 1024, 5 warm-up epochs then cosine to 1e-6, 300
 epochs, RandAugment(m=10, mstd=0.5), mixup 0.2, cutmix 0, label smoothing 0,
 drop path 0, global average pooling + LayerNorm, layer-wise lr decay 0.85,

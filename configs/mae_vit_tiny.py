@@ -1,6 +1,6 @@
 r"""MAE pre-training of ViT-Tiny (12 heads) on ImageNet-1K: the MAE-Lite recipe.
 
-method.md §2: AdamW (0.9, 0.95), wd 0.05, lr 1.5e-4 x 4096/256, 40 warm-up
+docs/methods.md §2: AdamW (0.9, 0.95), wd 0.05, lr 1.5e-4 x 4096/256, 40 warm-up
 epochs then cosine, 400 epochs, RandomResizedCrop(224, (0.08, 1)), flip, mask
 ratio 0.75, norm-pix loss, decoder 1 block x 96 wide x 3 heads. The reference
 takes 23 h on 8 V100s; fine-tuned 300 epochs it reaches 78.0% top-1.

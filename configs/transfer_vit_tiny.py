@@ -1,6 +1,6 @@
 r"""Transfer of a pre-trained ViT-Tiny to the paper's downstream sets (paper Table S2).
 
-method.md §5: SGD momentum 0.9, batch 512, no weight decay / dropout / drop path,
+docs/methods.md §7: SGD momentum 0.9, batch 512, no weight decay / dropout / drop path,
 RandomResizedCrop + flip at 224 px, linear warm-up then cosine. Per data set the
 sweep is lr in {0.01, 0.03, 0.1} (CIFAR-100: {0.03, 0.1, 0.3}), two schedules
 (epochs, warm-up) and layer decay in {1.0, 0.75}. D²-MAE ViT-Tiny reaches

@@ -1,4 +1,4 @@
-"""MAE random masking by argsort of per-sample noise (method.md §2.2)."""
+"""MAE random masking by argsort of per-sample noise (docs/methods.md §2)."""
 
 from typing import NamedTuple
 

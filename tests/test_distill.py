@@ -82,13 +82,13 @@ def test_mapping_init_is_pytorch_default_bound():
 
 
 # ----------------------------------------------------------------------------
-# The whole D²-MAE / D-MAE loss against a torch reference written from method.md
+# The whole D²-MAE / D-MAE loss against a torch reference written from docs/methods.md
 # ----------------------------------------------------------------------------
 def torch_reference_loss(torch, params, teacher_params, images, noise, *, patch, mask_ratio,
                          student_heads, teacher_heads, student_depth, extra_block,
                          decoder_layer, decoder_heads, attn_pairs, hidden_pairs=(),
                          hidden_weight=1.0):
-  """method.md §2-§4 in float64 torch, reading mim_jax's param pytrees (Dense kernels are
+  """docs/methods.md §2-4 in float64 torch, reading mim_jax's param pytrees (Dense kernels are
   (in, out); the conv kernel (p, p, 3, d) is the linear map of a (row, col, channel)
   patch)."""
   f = torch.nn.functional

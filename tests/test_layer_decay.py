@@ -1,4 +1,4 @@
-"""Fine-tuning optimiser (method.md §5): layer-wise lr decay, weight-decay mask, AdamW.
+"""Fine-tuning optimiser (docs/methods.md §7): layer-wise lr decay, weight-decay mask, AdamW.
 
 References written here, independent of mim_jax.trainer.optim: MAE's
 `get_layer_id_for_vit` / `param_groups_lrd` on the timm names of the leaves, timm's

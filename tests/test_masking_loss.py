@@ -1,4 +1,4 @@
-"""Masking and the MAE loss against a numpy reference written from method.md §2."""
+"""Masking and the MAE loss against a numpy reference written from docs/methods.md §2."""
 
 import jax
 import jax.numpy as jnp

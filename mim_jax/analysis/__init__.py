@@ -1,4 +1,4 @@
-"""Model analysis (paper section 4, method.md §6): CKA, attention distance and entropy,
+"""Model analysis (paper section 4, docs/methods.md §8): CKA, attention distance and entropy,
 attention maps and MAE reconstructions. The CLI is `python -m mim_jax.analyze`.
 
     from mim_jax import analysis

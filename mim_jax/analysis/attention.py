@@ -1,4 +1,4 @@
-"""Attention distance and entropy per head and layer (method.md §6, paper eqs. 2-4).
+"""Attention distance and entropy per head and layer (docs/methods.md §8, paper eqs. 2-4).
 
 For a block's pre-softmax logits, the cls row and column are dropped first and the
 softmax taken over the remaining patch keys (fp32), so for query patch j

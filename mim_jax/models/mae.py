@@ -17,7 +17,7 @@ from mim_jax.models.vit import (PARAM_DTYPE, VisionTransformer, block_class, den
 
 
 class MAEDecoder(nn.Module):
-  """Decoder of method.md §2.4: embed, append mask tokens, unshuffle, blocks, predict.
+  """Decoder of docs/methods.md §2: embed, append mask tokens, unshuffle, blocks, predict.
 
   Parameter names map to the MAE reference as `embed`->`decoder_embed`,
   `blocks_i`->`decoder_blocks.i`, `norm`->`decoder_norm`, `pred`->`decoder_pred`.

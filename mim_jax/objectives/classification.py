@@ -1,4 +1,4 @@
-"""Classification losses, Mixup / CutMix and top-k counts for fine-tuning (method.md §5).
+"""Classification losses, Mixup / CutMix and top-k counts for fine-tuning (docs/methods.md §7).
 
 Plain jnp functions that run on device inside a jitted step. Mixup / CutMix follow
 timm's `timm.data.Mixup` in `mode='batch'` with `correct_lam=True`: one draw per

@@ -1,4 +1,4 @@
-"""Distillation losses of D-MAE / D²-MAE (method.md §3-§4), as plain jnp functions.
+"""Distillation losses of D-MAE / D²-MAE (docs/methods.md §3-4), as plain jnp functions.
 
 The teacher's side is always wrapped in `stop_gradient`; the learnable mappings
 are explicit arguments so the caller decides where they live in the params.

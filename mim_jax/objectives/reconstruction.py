@@ -1,4 +1,4 @@
-"""Image <-> patches and the MAE pixel-reconstruction loss (method.md §2)."""
+"""Image <-> patches and the MAE pixel-reconstruction loss (docs/methods.md §2)."""
 
 import chex
 import jax
