@@ -51,6 +51,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.image_every = 0  # HOG targets: no reconstruction figure
   if arg == "demo":
     config_defaults.demo_overrides(config)
+    config.data.crop_scale = (0.5, 1.0)
     config.image_every = 0
     config.optimizer.base_lr = 1.6e-3
   elif arg:

@@ -54,6 +54,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   ))
   if arg == "demo":
     config_defaults.demo_overrides(config)
+    config.data.crop_scale = (0.67, 1.0)
     config.simmim.mask_patch_size = 16  # a 4x4 grid of mask patches at 64 px
     config.optimizer.base_lr = 1.2e-3
     config.optimizer.warmup_start_lr = 0.0

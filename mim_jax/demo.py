@@ -1,4 +1,4 @@
-r"""The paper's flow on a laptop CPU in minutes: an MAE teacher, then D²-MAE vs MAE students.
+r"""The study's flow on a laptop CPU: an MAE teacher, then D²-MAE vs MAE, SimMIM and MaskFeat.
 
   python -m mim_jax.demo --workdir /tmp/mim_jax_demo
 
@@ -11,7 +11,10 @@ set under ~/.cache/mim_jax) if needed, then runs three pre-trainings on it:
                     from the frozen teacher (13th attention-only block distilled to
                     the teacher's last layer, decoder on block 8);
   3. mae_student/   the same student with plain MAE, for comparison,
-  4. evaluation on scikit-learn's digits (a real labelled set shipped offline,
+  4. simmim_student/, maskfeat_student/: the same student pre-trained with SimMIM
+                    and MaskFeat (configs/simmim_vit_tiny.py:demo,
+                    configs/maskfeat_vit_tiny.py:demo: their own recipes and ViT options),
+  5. evaluation on scikit-learn's digits (a real labelled set shipped offline,
      upsampled to 32 px): each student and a randomly initialised one ("scratch")
      get a k-NN and a ridge probe of their frozen features, a trained linear
      probe (MAE's BatchNorm + linear head, linear_probe_<name>/) and a short
@@ -23,6 +26,7 @@ TensorBoard events, checkpoints and reconstruction PNGs; rerunning resumes.
 logging keys carry over to the students, whose size has its own flags.
 """
 
+import importlib.util
 import json
 import os
 
@@ -34,6 +38,7 @@ from ml_collections import config_flags
 from mim_jax import cli, config_defaults
 from mim_jax.convert import converted
 from mim_jax.data import sources
+from mim_jax.errors import UserError
 from mim_jax.analysis import quick_probe
 from mim_jax.tasks.registry import build_task
 from mim_jax.trainer import loop
@@ -48,18 +53,37 @@ _FINETUNE_STEPS = flags.DEFINE_integer("finetune_steps", 100,
                                        "Steps of each short fine-tuning run on the digits.")
 _PROBE_STEPS = flags.DEFINE_integer("probe_steps", 100,
                                     "Steps of each linear-probe run on the digits.")
-_STAGES = flags.DEFINE_list("stages", ["teacher", "d2mae_student", "mae_student", "evaluate"],
+STAGES = ("teacher", "d2mae_student", "mae_student", "simmim_student", "maskfeat_student",
+          "evaluate")
+PRETRAINING = STAGES[:-1]
+EVALUATED = ("d2mae_student", "mae_student", "simmim_student", "maskfeat_student", "scratch")
+# Pre-training methods with a recipe of their own, read from the repository's configs/.
+RECIPE_FILES = {"simmim": "simmim_vit_tiny.py", "maskfeat": "maskfeat_vit_tiny.py"}
+CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+_STAGES = flags.DEFINE_list("stages", list(STAGES),
                             "Which stages to run (each resumes or skips if already done).")
-
-STAGES = ("teacher", "d2mae_student", "mae_student", "evaluate")
-EVALUATED = ("d2mae_student", "mae_student", "scratch")
 
 
 def student_config(teacher: ml_collections.ConfigDict, teacher_dir: str, method: str, *,
                    width: int, num_heads: int) -> ml_collections.ConfigDict:
-  """The teacher's recipe with a smaller encoder; D²-MAE distils from `teacher_dir`."""
-  config = ml_collections.ConfigDict(teacher.to_dict())
+  """The teacher's recipe with a smaller encoder; D²-MAE distils from `teacher_dir`;
+  SimMIM and MaskFeat take their own demo recipes with the teacher's data, image size,
+  patch, schedule and cadence."""
   depth = teacher.model.depth or 12
+  if method in RECIPE_FILES:
+    config = method_demo_config(method)
+    crop_scale = config.data.crop_scale  # the method's own
+    config.data = ml_collections.ConfigDict(teacher.data.to_dict())
+    config.data.crop_scale = crop_scale
+    for key in ("image_size", "seed", "total_steps", "total_epochs", "warmup_steps",
+                "warmup_epochs", "log_every", "checkpoint_every", "keep_checkpoints",
+                "batch_size"):
+      config[key] = teacher[key]
+    config.image_every = teacher.image_every if config.image_every else 0
+    config.model.update(variant="", width=width, num_heads=num_heads, depth=depth,
+                        patch_size=teacher.model.patch_size)
+    return config
+  config = ml_collections.ConfigDict(teacher.to_dict())
   config.model.update(variant="", width=width, num_heads=num_heads, depth=depth)
   if method == "d2mae":
     config = config_defaults.distillation_overrides(config, decoupled=True)
@@ -68,6 +92,18 @@ def student_config(teacher: ml_collections.ConfigDict, teacher_dir: str, method:
     config.distill.teacher = teacher_dir
     config.distill.teacher_variant = ""
   return config
+
+
+def method_demo_config(method: str) -> ml_collections.ConfigDict:
+  """`configs/<method>_vit_tiny.py:demo`, read from the repository."""
+  path = os.path.join(CONFIGS_DIR, RECIPE_FILES[method])
+  if not os.path.exists(path):
+    raise UserError(f"the demo reads {path} (run it from a clone of the repository, "
+                    f"installed with pip install -e)")
+  spec = importlib.util.spec_from_file_location(f"{method}_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config("demo")
 
 
 def last_metrics(workdir: str) -> dict[str, float]:
@@ -94,7 +130,8 @@ def digits_config(recipe: ml_collections.ConfigDict, student: ml_collections.Con
   config = recipe
   model = student.model
   config.model.update(variant="", width=model.width, depth=model.depth,
-                      num_heads=model.num_heads, patch_size=model.patch_size)
+                      num_heads=model.num_heads, patch_size=model.patch_size,
+                      **{key: model[key] for key in ARCHITECTURE_OPTIONS})
   config.data.data_dir = data_dir
   config.init = init
   config.total_steps = steps
@@ -103,6 +140,10 @@ def digits_config(recipe: ml_collections.ConfigDict, student: ml_collections.Con
   config.checkpoint_every = steps
   config.seed = student.seed
   return config
+
+
+# The student's ViT options that fine-tuning and probing must rebuild to load its weights.
+ARCHITECTURE_OPTIONS = ("qkv_bias", "rel_pos_bias", "layer_scale", "abs_pos_embed")
 
 
 def finetune_config(student: ml_collections.ConfigDict, data_dir: str | None, init: str,
@@ -120,8 +161,8 @@ def linear_probe_config(student: ml_collections.ConfigDict, data_dir: str | None
 def evaluate_students(configs: dict[str, ml_collections.ConfigDict], workdir: str,
                       finetune_steps: int, probe_steps: int) -> dict[str, dict[str, float]]:
   """Probes and short fine-tuning on the digits for each student and a random-init one."""
+  scratch_task = build_task(configs["mae_student"])
   student = configs["mae_student"]
-  scratch_task = build_task(student)
   scratch = converted.Converted(
       params=jax.device_get(scratch_task.init_params(jax.random.PRNGKey(student.seed))),
       arch=converted.arch_from_config(student.to_dict(), source="random init"),
@@ -131,10 +172,13 @@ def evaluate_students(configs: dict[str, ml_collections.ConfigDict], workdir: st
   for name in EVALUATED:
     source = scratch if name == "scratch" else os.path.join(workdir, name)
     init = "" if name == "scratch" else source
+    student = configs["mae_student" if name == "scratch" else name]
     ft = finetune_config(student, data_dir, init, finetune_steps)
     logging.info("=== Evaluating %s on the digits", name)
     probes = quick_probe.quick_probe(source, ft.data, ft.image_size)
     lp = linear_probe_config(student, data_dir, init, probe_steps)
+    if name == "maskfeat_student":
+      lp.model.pool = "gap"  # MaskFeat's encoder has no final norm to read the cls token with
     lp_dir = os.path.join(workdir, f"linear_probe_{name}")
     loop.train(lp, lp_dir, build_task(lp))
     ft_dir = os.path.join(workdir, f"finetune_{name}")
@@ -154,15 +198,12 @@ def run_demo(teacher_config: ml_collections.ConfigDict, workdir: str, *,
   cache = os.path.expanduser(teacher_config.data.data_dir or sources.DEFAULT_DEMO_DIR)
   logging.info("Demo data set in %s (built on first use)", cache)
   teacher_dir = os.path.join(workdir, "teacher")
-  configs = {
-      "teacher": teacher_config,
-      "d2mae_student": student_config(teacher_config, teacher_dir, "d2mae",
-                                      width=student_width, num_heads=student_heads),
-      "mae_student": student_config(teacher_config, teacher_dir, "mae",
-                                    width=student_width, num_heads=student_heads),
-  }
+  configs = {"teacher": teacher_config}
+  for stage in PRETRAINING[1:]:
+    configs[stage] = student_config(teacher_config, teacher_dir, stage.split("_")[0],
+                                    width=student_width, num_heads=student_heads)
   results = {}
-  for stage in STAGES[:3]:
+  for stage in PRETRAINING:
     if stage not in stages:
       continue
     logging.info("=== Demo stage %s (%s) in %s", stage, configs[stage].task,
@@ -183,13 +224,15 @@ def print_summary(results: dict[str, dict], evaluation: dict[str, dict], workdir
     print(f"{'pre-training':16s} {'step':>5s} {'loss':>8s} {'loss_rec':>9s} {'loss_attn':>10s}  "
           f"reconstruction")
   for stage, metrics in results.items():
-    attn = metrics.get("loss_attn")
+    attn, rec = metrics.get("loss_attn"), metrics.get("loss_rec", metrics.get("loss_hog"))
     print(f"{stage:16s} {metrics.get('step', 0):5d} {metrics.get('loss', float('nan')):8.4f} "
-          f"{metrics.get('loss_rec', float('nan')):9.4f} "
+          f"{'' if rec is None else f'{rec:9.4f}':>9s} "
           f"{'' if attn is None else f'{attn:10.4f}':>10s}  {metrics.get('reconstruction')}")
   if results:
     print("The students have the same size, data and steps; D²-MAE's reconstruction comes "
-          "from block 8, its blocks 9-12 learn from the teacher's attention alone.")
+          "from block 8, its blocks 9-12 learn from the teacher's attention alone. The "
+          "losses of different methods are not comparable (MAE: normalised-pixel MSE, SimMIM: "
+          "pixel L1, MaskFeat: HOG MSE in loss_rec's column).")
   if evaluation:
     print(f"\n{'digits top-1 (%)':16s} {'k-NN':>7s} {'ridge':>7s} {'linear':>7s} "
           f"{'fine-tune':>10s}")

@@ -70,18 +70,20 @@ def test_demo_job_end_to_end(tmp_path):
       capture_output=True, text=True, timeout=900, env=env)
   assert result.returncode == 0, result.stderr[-3000:]
   assert "mim_jax demo finished" in result.stdout
-  for stage in ("teacher", "d2mae_student", "mae_student"):
+  for stage in ("teacher", "d2mae_student", "mae_student", "simmim_student", "maskfeat_student"):
     records = [json.loads(line) for line in open(workdir / stage / "metrics.jsonl")]
     assert [r["step"] for r in records] == [10, 20, 30], stage
-    assert all({"step", "loss", "loss_rec", "lr", "images_per_sec"} <= set(r) for r in records)
+    term = "loss_hog" if stage == "maskfeat_student" else "loss_rec"
+    assert all({"step", "loss", term, "lr", "images_per_sec"} <= set(r) for r in records)
     assert records[-1]["loss"] < records[0]["loss"], stage  # each learns in 30 steps
-    assert os.path.exists(workdir / stage / "reconstructions" / "step_00000030.png")
+    figure = workdir / stage / "reconstructions" / "step_00000030.png"
+    assert os.path.exists(figure) == (stage != "maskfeat_student"), stage  # HOG: no figure
     assert glob.glob(str(workdir / stage / "tensorboard" / "events.out.tfevents.*"))
     assert ("loss_attn" in records[-1]) == (stage == "d2mae_student")
     assert stage in result.stdout
   # The evaluation: probes and a short fine-tune of each student and of a random init.
   table = result.stdout.split("digits top-1")[1].splitlines()
-  for name in ("d2mae_student", "mae_student", "scratch"):
+  for name in ("d2mae_student", "mae_student", "simmim_student", "maskfeat_student", "scratch"):
     row = next(line for line in table if line.startswith(name + " "))
     knn, ridge, linear, finetune = (float(v) for v in row.split()[1:5])
     assert all(0 <= v <= 100 for v in (knn, ridge, linear, finetune)), row

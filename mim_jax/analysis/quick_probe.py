@@ -24,8 +24,9 @@ def encoder_for(source: converted.Converted, image_size: int) -> tuple[Any, Any]
   """The source's encoder (no head, blocks 1..depth) and params at `image_size`."""
   arch = {**source.arch, "num_classes": 0}
   model = converted.build_encoder(arch)
+  # A pre-training input (the mask token), a head and D²-MAE's extra block are not layers.
   params = {k: v for k, v in source.params["encoder"].items()
-            if not k.startswith("head") and k != f"blocks_{arch['depth']}"}
+            if not k.startswith("head") and k not in (f"blocks_{arch['depth']}", "mask_token")}
   if "pos_embed" in params:
     grid = image_size // arch["patch_size"]
     params["pos_embed"] = pretrained.resize_position_embedding(params["pos_embed"], grid)

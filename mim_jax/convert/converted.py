@@ -237,6 +237,8 @@ def _read_training_checkpoint(path: str) -> tuple[dict[str, Any], dict[str, Any]
   if "encoder" not in params:
     raise UserError(f"the checkpoint in {step_dir!r} has no encoder params "
                     f"(top level: {sorted(params)})")
+  if meta.get("arch"):  # what the task trained; older checkpoints: derived from the config
+    return params, check_arch({**meta["arch"], "source": step_dir})
   return params, arch_from_config(config, source=step_dir)
 
 

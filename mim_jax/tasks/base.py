@@ -21,7 +21,8 @@ The trainer knows this class and nothing about any method. A task says:
   (loss, LossAux(terms, updates))`; `terms` are the scalars the trainer logs;
 * optionally an evaluation (`evaluates = True`, `eval_metrics`) and a figure
   (`figure_columns` non-empty, `reconstruct`);
-* its analytic training FLOPs per image (model-FLOPs utilisation in `bench`).
+* its analytic training FLOPs per image (model-FLOPs utilisation in `bench`), and
+  the architecture of the encoder it trains (`encoder_arch`, saved with checkpoints).
 
 Params and extra state are pytrees of arrays; a task's extra-state names are keys
 of the train state next to 'params', 'opt_state', 'step' and 'rng'.
@@ -116,6 +117,12 @@ class Task(abc.ABC):
   @abc.abstractmethod
   def train_flops_per_image(self) -> float:
     """Analytic matmul FLOPs of one training example, forward and backward."""
+
+  def encoder_arch(self) -> dict[str, Any] | None:
+    """The architecture of `params['encoder']` (or of the params, for a classifier), saved
+    in checkpoint metadata so readers (teachers, fine-tuning inits, export, analysis)
+    rebuild exactly this encoder; None when the task trains no encoder."""
+    return None
 
   # --- Optional: evaluation and figures --------------------------------------
   def eval_metrics(self, params: Params, extra: dict[str, Any], frozen: Frozen,

@@ -120,6 +120,11 @@ class FinetuneTask(Task):
         lambda path, _: self.backbone.layer_id(path_str(path), num_layers), params)
     return ids, num_layers
 
+  def encoder_arch(self) -> dict[str, Any]:
+    model = self.config.model
+    return self.backbone.arch(model, self.config.image_size, posemb="learn", pool=model.pool,
+                              num_classes=self.config.num_classes)
+
   def init_extra(self, params: Any) -> dict[str, Any]:
     return {} if self.config.ema_decay is None else {"ema_params": params}
 

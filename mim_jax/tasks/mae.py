@@ -181,6 +181,13 @@ class MaeTask(Task):
       total += self.distiller.train_flops_per_image(kept)
     return total
 
+  def encoder_arch(self) -> dict[str, Any]:
+    dec = self.config.mae.decoder
+    arch = self.backbone.arch(self.config.model, self.config.image_size,
+                              extra_attention_block=self.model.encoder.extra_attention_block)
+    return {**arch, "decoder": {"width": dec.width, "depth": dec.depth,
+                                "num_heads": dec.num_heads}}
+
   def masking_noise(self, rng: jax.Array, batch_size: int) -> jax.Array:
     return jax.random.uniform(rng, (batch_size, self.num_patches))
 

@@ -114,6 +114,11 @@ class MaskFeatTask(Task):
     forward = self.backbone.forward_flops(arch, self.num_patches)
     return 3 * (forward + 2 * self.num_patches * self.encoder.width * self.target_size)
 
+  def encoder_arch(self) -> dict[str, Any]:
+    """A learned position embedding and no final norm (pool 'gap' without fc_norm)."""
+    return self.backbone.arch(self.config.model, self.config.image_size, posemb="learn",
+                              pool="gap")
+
   def targets(self, images_uint8: jax.Array) -> jax.Array:
     """(B, L, 108) HOG targets of each patch, raster order (no gradient)."""
     mf = self.config.maskfeat

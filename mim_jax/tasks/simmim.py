@@ -116,6 +116,10 @@ class SimMIMTask(Task):
     forward = self.backbone.forward_flops(arch, self.num_patches)
     return 3 * (forward + 2 * self.num_patches * self.encoder.width * 3 * self.patch_size**2)
 
+  def encoder_arch(self) -> dict[str, Any]:
+    """The encoder without its mask token (a pre-training input, not a layer)."""
+    return self.backbone.arch(self.config.model, self.config.image_size)
+
   def token_mask(self, noise: jax.Array) -> jax.Array:
     """(B, L) 1 = masked, from (B, mask_grid**2) noise."""
     mask = mask_patches.mask_patches_from_noise(noise, mask_ratio=self.config.mask_ratio,

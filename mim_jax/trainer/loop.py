@@ -338,6 +338,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task) -> dict[s
                  name, source["path"], source["sha256"][:12], f"{count_params(frozen[name]):,}")
   train_step = jit_train_step(task, tx, schedule, state_shardings, frozen_shardings, mesh)
 
+  if config.get("image_every") and not task.figure_columns:
+    raise ConfigError(f"image_every={config.image_every} but task={config.task!r} draws no "
+                      f"figure; set --config.image_every=0")
   figure_images = None
   # Every process computes the figure (params may be sharded across hosts); one writes it.
   if config.image_every and task.figure_columns:
@@ -413,7 +416,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task) -> dict[s
         drain_metrics()
         ckpt.save(step, state, data_iter,
                   {"step": step, "config": config.to_json(), "frozen": frozen_meta,
-                   "process_count": jax.process_count()})
+                   "process_count": jax.process_count(), "arch": task.encoder_arch()})
         throughput.reset_clock(step)  # images/s measures training, not the save
       if evaluator is not None and (step % config.eval_every == 0 or final):
         results = evaluator(state)
