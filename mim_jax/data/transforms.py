@@ -49,7 +49,7 @@ from absl import logging
 from PIL import Image
 
 from mim_jax.data import augment
-from mim_jax.data.sources import DataError
+from mim_jax.data.data_config import DataError
 
 Record = dict[str, Any]
 Box = tuple[int, int, int, int]  # (top, left, height, width), as torchvision's get_params

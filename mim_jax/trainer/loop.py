@@ -287,9 +287,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Any) -> dict[st
   sharding.check_batch_size(config.batch_size, mesh)
   needs_labels = getattr(task, "needs_labels", False)
   loader = pipeline.make_train_loader(
-      config.data, global_batch_size=config.batch_size, seed=config.seed,
-      image_size=config.image_size, process_index=jax.process_index(),
-      process_count=jax.process_count(), with_labels=needs_labels)
+      config.data, pipeline.DataSpec.single_view(config.image_size, labels=needs_labels,
+                                                 augment=True),
+      global_batch_size=config.batch_size, seed=config.seed,
+      process_index=jax.process_index(), process_count=jax.process_count())
   if needs_labels and loader.num_classes and loader.num_classes != config.num_classes:
     raise ConfigError(f"num_classes={config.num_classes} but the data set "
                       f"{config.data.name!r} has {loader.num_classes} classes")
