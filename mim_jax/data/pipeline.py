@@ -198,7 +198,8 @@ def _check_picklable(spec: DataSpec) -> None:
     try:
       pickle.dumps(field)
     except Exception as error:  # pylint: disable=broad-exception-caught  # Any pickling error.
-      raise TypeError(f"worker field {field!r} cannot be pickled into the grain workers "
+      raise TypeError(f"worker field {field.name!r} ({type(field).__name__}) cannot be "
+                      f"pickled into the grain workers "
                       f"({type(error).__name__}: {error}): make it a module-level class") from None
 
 

@@ -95,10 +95,6 @@ class DecodeViews(transforms._ExitsWithParent, grain.transforms.RandomMap):
   def __post_init__(self):
     if not self.crops:
       raise ValueError("DecodeViews needs at least one crop")
-    for field in self.worker_fields:
-      if not isinstance(getattr(field, "name", None), str) or not callable(
-          getattr(field, "make", None)):
-        raise TypeError(f"worker field {field!r} needs a str `name` and a `make(rng)` method")
 
   def random_map(self, element: Record, rng: np.random.Generator) -> Record:
     drawn: list[tuple[transforms.Box, bool]] = []
