@@ -35,16 +35,16 @@ DIGITS_DATASET_NAME = "mim_jax_digits"
 DEFAULT_DEMO_DIR = "~/.cache/mim_jax/tfds"  # Where kind='demo' and kind='digits' are built.
 
 
-def cache_dir(data_dir: str | None, kind: str) -> str:
-  """The local directory kind='demo' / 'digits' builds in: `data_dir` or DEFAULT_DEMO_DIR.
+def cache_dir(data_dir: str | None, what: str) -> str:
+  """The local directory `what` (e.g. "kind='demo'") is built in: `data_dir` or DEFAULT_DEMO_DIR.
 
   Raises:
     DataError: `data_dir` is a URL (the cache is built with local file locks).
   """
   if data_dir is not None and mim_io.is_remote(data_dir):
-    raise DataError(f"data.data_dir {data_dir!r} is remote, but kind={kind!r} builds its data "
-                    "set in a local cache directory: set data.data_dir to a local path, or "
-                    "leave it unset for ~/.cache/mim_jax/tfds.")
+    raise DataError(f"data.data_dir {data_dir!r} is remote, but {what} is built in a local "
+                    "cache directory: set data.data_dir to a local directory, or leave it "
+                    f"unset for {DEFAULT_DEMO_DIR}.")
   return mim_io.absolute(data_dir or DEFAULT_DEMO_DIR)
 
 
@@ -75,8 +75,13 @@ def prepare_once(builder_class: type[LocalBuilder], data_dir: str, **kwargs: Any
   at the end, so an interrupted build is never mistaken for a finished one. The
   builder returned is made after the build, so it reads the finished data set.
   """
-  data_dir = os.path.expanduser(data_dir)
-  os.makedirs(data_dir, exist_ok=True)
+  data_dir = cache_dir(data_dir, f"the {builder_class.name} data set")
+  try:
+    os.makedirs(data_dir, exist_ok=True)
+  except OSError as error:
+    raise DataError(f"Cannot create the data cache directory {data_dir!r} "
+                    f"({error.strerror or error}): set data.data_dir to a writable local "
+                    "directory.") from None
   with _file_lock(os.path.join(data_dir, f".{builder_class.name}.lock")):
     builder = builder_class(data_dir=data_dir, **kwargs)
     if not builder.is_prepared():

@@ -60,11 +60,11 @@ def get_source(data_config: Any, split: str) -> Sequence[dict[str, Any]]:
   kind = config_value(data_config, "kind")
   data_dir = config_value(data_config, "data_dir")
   if kind == "demo":
-    demo_dir = cache_dir(data_dir, kind)
+    demo_dir = cache_dir(data_dir, "kind='demo'")
     build_demo_dataset(demo_dir)
     return tfds_source(MimJaxDemo(data_dir=demo_dir), split)
   if kind == "digits":
-    builder = build_digits_dataset(cache_dir(data_dir, kind),
+    builder = build_digits_dataset(cache_dir(data_dir, "kind='digits'"),
                                    config_value(data_config, "digits_size"))
     # The size in the name: a resumed run must read the same size (grain compares reprs).
     return tfds_source(builder, split, name=f"{builder.name}/{builder.builder_config.name}")
