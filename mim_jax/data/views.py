@@ -128,10 +128,12 @@ class DecodeViews(transforms._ExitsWithParent, grain.transforms.RandomMap):
     return max(crop.size for crop in self.crops) if self.reduced_decode else 0
 
   def _decode_box(self, boxes: Sequence[transforms.Box]) -> transforms.Box:
-    """One box for `decode_for_crop`'s reduction: kept >= `_min_side` per side iff every view's is.
+    """One box for `decode_for_crop`: a reduction keeping it >= `_min_side` per side keeps all.
 
-    The view with the fewest box pixels per output pixel, its box scaled by
-    _min_side / its size (exactly itself for one view, or the largest view).
+    It is the box of the view with the fewest box pixels per output pixel, scaled
+    by _min_side / that view's size (so exactly that box when the view is the
+    largest, as for one view). Every other view has at least as many box pixels
+    per output pixel, so it keeps >= its size per side at that reduction too.
     """
     if len(boxes) == 1 or not self.reduced_decode:
       return boxes[0]
