@@ -119,8 +119,8 @@ def bench_step(config) -> dict[str, float]:
 
 def bench_data(config) -> dict[str, float]:
   loader = pipeline.make_train_loader(
-      config.data, global_batch_size=config.batch_size, seed=config.seed,
-      image_size=config.image_size)
+      config.data, pipeline.DataSpec.single_view(config.image_size, augment=True),
+      global_batch_size=config.batch_size, seed=config.seed)
   iterator = iter(loader)
   next(iterator)  # start the workers
   start = time.perf_counter()

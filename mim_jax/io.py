@@ -99,9 +99,21 @@ def listdir(path: PathLike) -> list[str]:
 
 
 def walk_files(path: PathLike) -> Iterator[tuple[str, list[str]]]:
-  """(directory, sorted file names) for `path` and every directory below it, top down."""
+  """(directory, sorted file names) for `path` and every directory below it, top down.
+
+  Directories are spelled as `absolute(path)` is: with their scheme when remote
+  (fsspec's walk drops it), and local symbolic links to directories are
+  followed (as torchvision's ImageFolder does).
+  """
+  top = absolute(path)
   with _reported(path, "list"):
-    for directory, dirnames, filenames in to_path(path).walk():
+    if is_remote(top):
+      scheme = top.split("://", 1)[0] + "://"
+      walk = ((os.fspath(d) if "://" in os.fspath(d) else scheme + os.fspath(d), dirs, files)
+              for d, dirs, files in to_path(top).walk())
+    else:
+      walk = os.walk(top, followlinks=True)
+    for directory, dirnames, filenames in walk:
       dirnames.sort()
       yield os.fspath(directory), sorted(filenames)
 

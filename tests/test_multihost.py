@@ -195,8 +195,8 @@ def test_global_batches_do_not_depend_on_the_process_count(demo_dir, worker_coun
   data.update(data_dir=demo_dir, worker_count=worker_count)
 
   def loader(index, count):
-    return pipeline.make_train_loader(data, global_batch_size=8, seed=3, image_size=16,
-                                      process_index=index, process_count=count)
+    return pipeline.make_train_loader(data, pipeline.DataSpec.single_view(16), global_batch_size=8,
+                                      seed=3, process_index=index, process_count=count)
 
   def take(iterator, n):
     return [np.array(next(iterator)["image"]) for _ in range(n)]

@@ -17,6 +17,12 @@ it needs; the loader builds exactly that and knows no method:
 
 Data-config values (`data.crop_scale`, `data.flip`, ...) fill every view field
 left as None, so a one-view task says only its image size.
+
+`pipeline.make_train_loader(data_config, spec, ...)` builds it: each record is
+decoded once, and its generator draws every view's box and flip (view order),
+then the augmentations, then each worker field's `make` (field order); see
+`views.py`. Batches are reproducible per seed, resume exactly, and do not
+depend on the process count.
 """
 
 from __future__ import annotations
@@ -63,6 +69,10 @@ class DataSpec:
   worker_fields: tuple[Any, ...] = ()  # WorkerField instances
 
   def __post_init__(self):
+    for field in self.worker_fields:
+      if not isinstance(getattr(field, "name", None), str) or not callable(
+          getattr(field, "make", None)):
+        raise TypeError(f"worker field {field!r} needs a str `name` and a `make(rng)` method")
     keys = [view.key for view in self.views] + [field.name for field in self.worker_fields]
     if not self.views:
       raise ValueError("a data spec needs at least one view")

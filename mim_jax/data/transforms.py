@@ -49,7 +49,8 @@ from absl import logging
 from PIL import Image
 
 from mim_jax.data import augment
-from mim_jax.data.sources import DataError
+from mim_jax.data.data_config import DataError
+from mim_jax.data.rgb import to_rgb
 
 Record = dict[str, Any]
 Box = tuple[int, int, int, int]  # (top, left, height, width), as torchvision's get_params
@@ -90,10 +91,11 @@ class _ExitsWithParent:
 def decode_rgb(data: bytes) -> Image.Image:
   """Decodes encoded image bytes to an RGB PIL image (grayscale/RGBA/CMYK/P converted).
 
-  Alpha is dropped, as torchvision's default loader does (`convert('RGB')`).
+  Alpha is dropped, as torchvision's default loader does (`convert('RGB')`);
+  16-bit grey keeps its top 8 bits (`rgb.to_rgb`).
   """
   with Image.open(io.BytesIO(data)) as image:
-    return image.convert("RGB")
+    return to_rgb(image)
 
 
 def sample_crop_box(height: int, width: int, scale: tuple[float, float],
@@ -157,7 +159,7 @@ def decode_for_crop(data: bytes, sample_box: Callable[[int, int], Box],
                                     math.ceil(height * min_side / h)))
       if drafted is not None:
         scale = drafted[1][2] / width
-    return image.convert("RGB"), box, scale
+    return to_rgb(image), box, scale
 
 
 def resized_crop(image: Image.Image, box: Box, size: int, scale: float = 1.0) -> np.ndarray:

@@ -287,9 +287,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task) -> dict[s
   spec = task.data_spec
   needs_labels = spec.labels
   loader = pipeline.make_train_loader(
-      config.data, global_batch_size=config.batch_size, seed=config.seed,
-      image_size=spec.views[0].size, process_index=jax.process_index(),
-      process_count=jax.process_count(), with_labels=needs_labels)
+      config.data, spec, global_batch_size=config.batch_size, seed=config.seed,
+      process_index=jax.process_index(), process_count=jax.process_count())
   if needs_labels and loader.num_classes and loader.num_classes != config.num_classes:
     raise ConfigError(f"num_classes={config.num_classes} but the data set "
                       f"{config.data.name!r} has {loader.num_classes} classes")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 from PIL import Image
 
 from mim_jax.data import pipeline, sources
@@ -44,7 +45,7 @@ def _decode(data: bytes) -> np.ndarray:
 def _digit_records(data_dir: str, split: str) -> dict[int, tuple[int, bytes]]:
   """{position in load_digits: (label, png)} read straight from TFDS (with the 'index' feature)."""
   builder = sources.MimJaxDigits(data_dir=data_dir, config=f"{DIGITS_SIZE}px")
-  source = builder.as_data_source(split, decoders={"image": sources.tfds.decode.SkipDecoding()})
+  source = builder.as_data_source(split, decoders={"image": tfds.decode.SkipDecoding()})
   return {int(r["index"]): (int(r["label"]), bytes(r["image"])) for r in source}
 
 
@@ -143,8 +144,8 @@ def test_train_labels_travel_with_their_digits(digits_dir: str):
   source = sources.get_source(_digits_config(digits_dir), "train")
   label_of = {_decode(source[i]["image"]).tobytes(): source[i]["label"] for i in range(len(source))}
   loader = pipeline.make_train_loader(_whole_image_config(_digits_config(digits_dir)),
-                                      global_batch_size=2, seed=0, image_size=DIGITS_SIZE,
-                                      worker_count=0, num_epochs=1, with_labels=True)
+                                      pipeline.DataSpec.single_view(DIGITS_SIZE, labels=True),
+                                      global_batch_size=2, seed=0, worker_count=0, num_epochs=1)
   assert loader.num_classes == 10 and loader.with_labels
   seen = []
   for batch in loader:
@@ -193,8 +194,8 @@ def test_image_folder_labels_are_sorted_class_indices(tmp_path: Path):
     for path in (tmp_path / "train" / name).iterdir():
       expected[np.asarray(Image.open(path)).tobytes()] = label
   config = _whole_image_config(_folder_config(tmp_path))
-  loader = pipeline.make_train_loader(config, global_batch_size=3, seed=1, image_size=10,
-                                      worker_count=0, num_epochs=1, with_labels=True)
+  loader = pipeline.make_train_loader(config, pipeline.DataSpec.single_view(10, labels=True),
+                                      global_batch_size=3, seed=1, worker_count=0, num_epochs=1)
   assert loader.num_classes == 3
   got = {}
   for batch in loader:
@@ -224,11 +225,12 @@ def test_image_folder_eval_with_other_classes_is_refused(tmp_path: Path):
 def test_unlabelled_source_asked_for_labels_raises(demo_dir: str):
   config = pipeline.default_data_config()
   config.update(kind="tfds", name=sources.DEMO_DATASET_NAME, data_dir=demo_dir, label_key=None)
-  loader = pipeline.make_train_loader(config, global_batch_size=4, seed=0, image_size=16,
-                                      worker_count=0)
+  loader = pipeline.make_train_loader(config, pipeline.DataSpec.single_view(16),
+                                      global_batch_size=4, seed=0, worker_count=0)
   assert loader.num_classes is None and set(next(iter(loader))) == {"image"}
-  for make in (lambda: pipeline.make_train_loader(config, global_batch_size=4, seed=0,
-                                                  image_size=16, worker_count=0, with_labels=True),
+  for make in (lambda: pipeline.make_train_loader(config,
+                                                  pipeline.DataSpec.single_view(16, labels=True),
+                                                  global_batch_size=4, seed=0, worker_count=0),
                lambda: pipeline.make_eval_loader(config, global_batch_size=4, image_size=16,
                                                  worker_count=0, with_labels=True)):
     with pytest.raises(DataError, match="has none") as info:
@@ -252,9 +254,10 @@ def test_demo_photo_index_is_the_label(demo_dir: str):
 # --------------------------------------------------------------------------- #
 
 
-def _first_batches(config, seed: int, count: int = 2, **kwargs):
-  loader = pipeline.make_train_loader(config, global_batch_size=16, seed=seed,
-                                      image_size=DIGITS_SIZE, worker_count=0, **kwargs)
+def _first_batches(config, seed: int, count: int = 2, labels: bool = False):
+  spec = pipeline.DataSpec.single_view(DIGITS_SIZE, labels=labels, augment=True)
+  loader = pipeline.make_train_loader(config, spec, global_batch_size=16, seed=seed,
+                                      worker_count=0)
   iterator = iter(loader)
   return [next(iterator) for _ in range(count)]
 
@@ -262,7 +265,7 @@ def _first_batches(config, seed: int, count: int = 2, **kwargs):
 def test_pretraining_batches_have_images_only_and_labels_add_nothing_else(digits_dir: str):
   config = _digits_config(digits_dir)
   plain = _first_batches(config, seed=3)
-  labelled = _first_batches(config, seed=3, with_labels=True)
+  labelled = _first_batches(config, seed=3, labels=True)
   for a, b in zip(plain, labelled):
     assert set(a) == {"image"} and set(b) == {"image", "label"}
     np.testing.assert_array_equal(a["image"], b["image"])  # Same images, same order.
@@ -294,9 +297,9 @@ def test_augmented_records_do_not_depend_on_the_workers(digits_dir: str):
                           randaug_mstd=0.5, color_jitter=0.3, force_color_jitter=True)
 
   def epoch(worker_count: int) -> list[tuple[bytes, int]]:
-    loader = pipeline.make_train_loader(config, global_batch_size=5, seed=11,
-                                        image_size=DIGITS_SIZE, worker_count=worker_count,
-                                        num_epochs=1, with_labels=True)
+    spec = pipeline.DataSpec.single_view(DIGITS_SIZE, labels=True, augment=True)
+    loader = pipeline.make_train_loader(config, spec, global_batch_size=5, seed=11,
+                                        worker_count=worker_count, num_epochs=1)
     return sorted((image.tobytes(), int(label)) for batch in loader
                   for image, label in zip(batch["image"], batch["label"]))
 

@@ -336,8 +336,8 @@ def test_reduced_decode_undecodable_image_becomes_a_marker():
 
 
 def test_train_batches_cover_an_epoch_once(colour_config):
-  loader = pipeline.make_train_loader(colour_config, global_batch_size=8, seed=0, image_size=16,
-                                      worker_count=0, num_epochs=1, with_labels=True)
+  loader = pipeline.make_train_loader(colour_config, pipeline.DataSpec.single_view(16, labels=True),
+                                      global_batch_size=8, seed=0, worker_count=0, num_epochs=1)
   batches = list(loader)
   assert len(batches) == NUM_TRAIN // 8 == loader.steps_per_epoch
   for batch in batches:
@@ -350,8 +350,8 @@ def test_train_batches_cover_an_epoch_once(colour_config):
 
 
 def test_epochs_are_reshuffled(colour_config):
-  iterator = iter(pipeline.make_train_loader(colour_config, global_batch_size=6, seed=0,
-                                             image_size=8, worker_count=0))
+  iterator = iter(pipeline.make_train_loader(colour_config, pipeline.DataSpec.single_view(8),
+                                             global_batch_size=6, seed=0, worker_count=0))
   ids = [i for batch in _take(iterator, 14) for i in _ids(batch)]  # 84 = 2 epochs of 42.
   assert sorted(ids[:42]) == sorted(ids[42:]) == list(range(NUM_TRAIN))
   assert ids[:42] != ids[42:]
@@ -359,8 +359,8 @@ def test_epochs_are_reshuffled(colour_config):
 
 def test_same_seed_same_batches_other_seed_differs(demo_config):
   def first_batches(seed: int):
-    loader = pipeline.make_train_loader(demo_config, global_batch_size=4, seed=seed,
-                                        image_size=32, worker_count=0)
+    loader = pipeline.make_train_loader(demo_config, pipeline.DataSpec.single_view(32),
+                                        global_batch_size=4, seed=seed, worker_count=0)
     return _take(iter(loader), 2)
 
   _assert_same(first_batches(0), first_batches(0))
@@ -371,8 +371,8 @@ def test_same_seed_same_batches_other_seed_differs(demo_config):
 @pytest.mark.parametrize("worker_count", [0, 2])
 def test_resume_from_state_is_exact(demo_config, worker_count: int):
   def make():
-    return pipeline.make_train_loader(demo_config, global_batch_size=8, seed=5, image_size=32,
-                                      worker_count=worker_count)
+    return pipeline.make_train_loader(demo_config, pipeline.DataSpec.single_view(32),
+                                      global_batch_size=8, seed=5, worker_count=worker_count)
 
   iterator = iter(make())
   first = _take(iterator, 3)
@@ -388,9 +388,9 @@ def test_resume_from_state_is_exact(demo_config, worker_count: int):
 def test_processes_read_disjoint_shards(colour_config):
   seen = []
   for process_index in range(2):
-    loader = pipeline.make_train_loader(colour_config, global_batch_size=8, seed=0, image_size=8,
-                                        worker_count=0, num_epochs=1, process_index=process_index,
-                                        process_count=2)
+    loader = pipeline.make_train_loader(colour_config, pipeline.DataSpec.single_view(8),
+                                        global_batch_size=8, seed=0, worker_count=0, num_epochs=1,
+                                        process_index=process_index, process_count=2)
     assert loader.local_batch_size == 4
     batches = list(loader)
     assert all(b["image"].shape[0] == 4 for b in batches)
@@ -406,8 +406,9 @@ def test_corrupt_image_is_skipped_in_the_pipeline(tmp_path: Path,
   config = pipeline.default_data_config()
   config.update(kind="image_folder", data_dir=os.fspath(tmp_path))
   with caplog.at_level(logging.WARNING):
-    batches = list(pipeline.make_train_loader(config, global_batch_size=2, seed=0, image_size=8,
-                                              worker_count=0, num_epochs=1))
+    batches = list(pipeline.make_train_loader(config, pipeline.DataSpec.single_view(8),
+                                              global_batch_size=2, seed=0, worker_count=0,
+                                              num_epochs=1))
   assert sorted(i for b in batches for i in _ids(b)) == list(range(10))
   assert "zz_corrupt.png" in caplog.text and "1 skipped so far" in caplog.text
 
@@ -419,8 +420,8 @@ def test_all_corrupt_images_raise(tmp_path: Path):
     path.write_bytes(b"nothing")
   config = pipeline.default_data_config()
   config.update(kind="image_folder", data_dir=os.fspath(tmp_path))
-  loader = pipeline.make_train_loader(config, global_batch_size=2, seed=0, image_size=8,
-                                      worker_count=0)
+  loader = pipeline.make_train_loader(config, pipeline.DataSpec.single_view(8), global_batch_size=2,
+                                      seed=0, worker_count=0)
   with pytest.raises(DataError, match="in a row could not be decoded"):
     next(iter(loader))
 
@@ -432,9 +433,9 @@ def test_all_corrupt_images_raise(tmp_path: Path):
     ({"global_batch_size": 4, "seed": -1}, "seed -1"),
 ])
 def test_bad_arguments_raise_data_error(colour_config, kwargs, match):
-  kwargs = {"seed": 0, "image_size": 8, **kwargs}
+  kwargs = {"seed": 0, **kwargs}
   with pytest.raises(DataError, match=match):
-    pipeline.make_train_loader(colour_config, **kwargs)
+    pipeline.make_train_loader(colour_config, pipeline.DataSpec.single_view(8), **kwargs)
 
 
 _KILLED_PARENT_SCRIPT = """
@@ -442,8 +443,8 @@ import sys, time, psutil
 from mim_jax.data import pipeline
 config = pipeline.default_data_config()
 config.update(kind="image_folder", data_dir=sys.argv[1])
-iterator = iter(pipeline.make_train_loader(config, global_batch_size=2, seed=0, image_size=8,
-                                           worker_count=1))
+iterator = iter(pipeline.make_train_loader(config, pipeline.DataSpec.single_view(8),
+                                           global_batch_size=2, seed=0, worker_count=1))
 next(iterator)
 print(*[child.pid for child in psutil.Process().children(recursive=True)], flush=True)
 time.sleep(120)
@@ -474,8 +475,8 @@ def test_reduced_jpeg_decode_config_reaches_the_crop(demo_config):
   def first_batch(reduced: bool) -> np.ndarray:
     config = demo_config.copy_and_resolve_references()
     config.reduced_jpeg_decode = reduced
-    loader = pipeline.make_train_loader(config, global_batch_size=8, seed=3, image_size=32,
-                                        worker_count=0)
+    loader = pipeline.make_train_loader(config, pipeline.DataSpec.single_view(32),
+                                        global_batch_size=8, seed=3, worker_count=0)
     return next(iter(loader))["image"].astype(int)
 
   full, reduced = first_batch(False), first_batch(True)
@@ -527,8 +528,8 @@ def test_orbax_checkpoint_manager_round_trip(demo_config, tmp_path: Path):
   import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel  # Slow import.
 
   def make():
-    return pipeline.make_train_loader(demo_config, global_batch_size=4, seed=7, image_size=16,
-                                      worker_count=0)
+    return pipeline.make_train_loader(demo_config, pipeline.DataSpec.single_view(16),
+                                      global_batch_size=4, seed=7, worker_count=0)
 
   manager = ocp.CheckpointManager(
       tmp_path / "ckpt", options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True),

@@ -146,6 +146,22 @@ def test_image_folder_labels_by_sorted_class(tmp_path: Path):
   assert "train" in repr(source) and os.fspath(tmp_path) not in repr(source)
 
 
+def test_image_folder_follows_symlinks_and_expands_the_user(tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch):
+  # Class folders and sub-folders linked from elsewhere, as ImageNet set-ups often are.
+  _write(tmp_path / "elsewhere" / "cats" / "a.png", b"a")
+  _write(tmp_path / "elsewhere" / "more" / "b.png", b"b")
+  _write(tmp_path / "root" / "train" / "dogs" / "c.png", b"c")
+  (tmp_path / "root" / "train" / "cats").symlink_to(tmp_path / "elsewhere" / "cats")
+  (tmp_path / "root" / "train" / "dogs" / "more").symlink_to(tmp_path / "elsewhere" / "more")
+  monkeypatch.setenv("HOME", os.fspath(tmp_path))
+  source = sources.get_source({"kind": "image_folder", "data_dir": "~/root/"}, "train")
+  assert source.classes == ["cats", "dogs"]
+  records = [source[i] for i in range(len(source))]
+  assert [(r["image"], r["label"]) for r in records] == [(b"a", 0), (b"c", 1), (b"b", 1)]
+  assert records[0]["id"] == os.fspath(tmp_path / "root" / "train" / "cats" / "a.png")
+
+
 # --------------------------------------------------------------------------- #
 # Errors
 # --------------------------------------------------------------------------- #
@@ -204,6 +220,28 @@ def test_error_image_folder_missing_root(tmp_path: Path):
   missing = os.fspath(tmp_path / "nope")
   assert missing in _error({"kind": "image_folder", "data_dir": missing})
   assert "data_dir" in _error({"kind": "image_folder", "data_dir": None})
+  _write(tmp_path / "a_file", b"")
+  assert "a_file' does not exist or is not a directory" in _error(
+      {"kind": "image_folder", "data_dir": os.fspath(tmp_path / "a_file")})
+
+
+def test_error_tfds_data_dir_is_a_file(tmp_path: Path):
+  _write(tmp_path / "a_file", b"")
+  message = _error({"kind": "tfds", "name": "imagenet2012",
+                    "data_dir": os.fspath(tmp_path / "a_file")})
+  assert "a_file' is not an existing directory" in message
+
+
+def test_error_demo_cache_must_be_a_local_directory(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch):
+  monkeypatch.chdir(tmp_path)
+  for kind in ("demo", "digits"):
+    message = _error({"kind": kind, "data_dir": "gs://bucket/cache"})
+    assert "'gs://bucket/cache' is remote" in message and f"kind='{kind}'" in message
+  assert not list(tmp_path.iterdir())  # No local directory named 'gs:'.
+  _write(tmp_path / "a_file", b"")
+  message = _error({"kind": "demo", "data_dir": os.fspath(tmp_path / "a_file" / "cache")})
+  assert "Cannot create the data cache directory" in message and "a_file" in message
 
 
 def test_error_image_folder_missing_split(tmp_path: Path):
