@@ -1,10 +1,17 @@
-"""Test set-up: 8 fake CPU devices (before JAX is imported) and absl flags parsed."""
+"""Test set-up: 8 fake CPU devices (before JAX is imported), JAX's persistent compilation
+cache shared by the whole run (both xdist workers and the CLI subprocesses the tests
+start: many tests compile the same tiny models), and absl flags parsed."""
 
 import os
+import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+_RUN = os.environ.get("PYTEST_XDIST_TESTRUNUID") or str(os.getpid())
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(tempfile.gettempdir(), f"mim_jax_test_jax_cache_{_RUN}"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 from absl import flags  # noqa: E402
 
