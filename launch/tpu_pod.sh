@@ -18,6 +18,8 @@
 #                                 v5p: v2-alpha-tpuv5        v6e: v2-alpha-tpuv6e
 #   QUEUED=1                    a queued resource named TPU_NAME (the way to get Spot and multislice capacity)
 #   SPOT=1                      a Spot slice: cheaper, preemptible ('resume' brings the run back)
+#   SERVICE_ACCOUNT             create, resume: the workers' service account (default: the project's
+#                               Compute Engine one); it needs write access to the bucket
 #   NODE_COUNT=N                multislice: N slices of ACCELERATOR_TYPE in one queued resource (needs
 #                               QUEUED=1); the data axis spans the slices (config mesh.dcn_data)
 #   REPO_URL, REPO_REF          install: the repository (default: the project's) and a branch, tag or commit
@@ -164,8 +166,11 @@ wait_until_up() {  # polls the state until READY (ACTIVE for a queued resource)
 
 create_slice() {
   require ACCELERATOR_TYPE RUNTIME_VERSION
-  local spot=() nodes=(--node-id="$TPU_NAME") what="TPU slice"
+  local spot=() nodes=(--node-id="$TPU_NAME") what="TPU slice" account=()
   [[ "${SPOT:-0}" == 1 ]] && spot=(--spot) && what="Spot TPU slice"
+  if [[ -n "${SERVICE_ACCOUNT:-}" ]]; then
+    account=(--service-account="$SERVICE_ACCOUNT" --scopes=https://www.googleapis.com/auth/cloud-platform)
+  fi
   if (( NODE_COUNT > 1 )); then
     nodes=(--node-count="$NODE_COUNT" --node-prefix="$TPU_NAME")
     what="$NODE_COUNT ${what}s"
@@ -174,10 +179,11 @@ create_slice() {
   if [[ "${QUEUED:-0}" == 1 ]]; then
     run gcloud compute tpus queued-resources create "$TPU_NAME" "${nodes[@]}" "${WHERE[@]}" \
       --accelerator-type="$ACCELERATOR_TYPE" --runtime-version="$RUNTIME_VERSION" \
-      ${spot[@]+"${spot[@]}"}
+      ${spot[@]+"${spot[@]}"} ${account[@]+"${account[@]}"}
   else
     run gcloud compute tpus tpu-vm create "$TPU_NAME" "${WHERE[@]}" \
-      --accelerator-type="$ACCELERATOR_TYPE" --version="$RUNTIME_VERSION" ${spot[@]+"${spot[@]}"}
+      --accelerator-type="$ACCELERATOR_TYPE" --version="$RUNTIME_VERSION" \
+      ${spot[@]+"${spot[@]}"} ${account[@]+"${account[@]}"}
   fi
   wait_until_up
 }

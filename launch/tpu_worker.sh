@@ -103,15 +103,15 @@ cmd_stop() {  # cmd_stop TIMEOUT_S
 
 cleanup() {  # cleanup STOP_TIMEOUT_S: before a run, nothing of an earlier one may hold the TPU
   cmd_stop "$1" || fail "the earlier run did not stop within $1 s; not starting another"
-  local holders waited=0
-  holders=$(tpu_holders)
-  if [[ -n "$holders" ]]; then
+  local holders=() waited=0
+  mapfile -t holders < <(tpu_holders)
+  if [[ ${#holders[@]} -gt 0 ]]; then
     say "stopping stale processes holding the TPU:"
-    ps -o pid=,args= -p "${holders//$'\n'/,}" | sed "s/^/$HOST:   /"
-    kill -TERM $holders 2>/dev/null
+    ps -o pid=,args= -p "$(IFS=,; echo "${holders[*]}")" | sed "s/^/$HOST:   /"
+    kill -TERM "${holders[@]}" 2>/dev/null
     while (( waited < 30 )) && [[ -n "$(tpu_holders)" ]]; do sleep 1; waited=$((waited + 1)); done
-    holders=$(tpu_holders)
-    [[ -z "$holders" ]] || kill -KILL $holders 2>/dev/null
+    mapfile -t holders < <(tpu_holders)
+    [[ ${#holders[@]} -eq 0 ]] || kill -KILL "${holders[@]}" 2>/dev/null
   fi
   rm -f /tmp/libtpu_lockfile 2>/dev/null
   return 0
@@ -214,7 +214,7 @@ cmd_install() {  # cmd_install REPO_URL PYTHON_VERSION JAX_SPEC [REF]
     rm -rf "$VENV"
     "$uv" venv -q --python "$python_version" "$VENV"
   fi
-  "$uv" pip install -q --python "$PY" --upgrade "$jax_spec" -e "$CHECKOUT[gcs]"
+  "$uv" pip install -q --python "$PY" --upgrade "$jax_spec" -e "${CHECKOUT}[gcs]"
   "$PY" -c 'import sys
 from importlib.metadata import version
 print("Python", sys.version.split()[0], "| jax", version("jax"), "| mim_jax", version("mim_jax"))' \

@@ -146,8 +146,10 @@ SETTINGS = dict(PROJECT="my-project", ZONE="us-central2-b", TPU_NAME="mim",
                 ACCELERATOR_TYPE="v4-32", RUNTIME_VERSION="tpu-ubuntu2204-base")
 # Settings of the caller's shell that would change what the scripts do.
 SCRUBBED = ("PROJECT", "ZONE", "TPU_NAME", "ACCELERATOR_TYPE", "RUNTIME_VERSION", "QUEUED",
-            "SPOT", "NODE_COUNT", "REPO_URL", "REPO_REF", "WORKER", "NODE", "DRY_RUN", "CONFIG",
-            "WORKDIR", "SETUP", "PYTHON", "SLURM_JOB_ID", "SLURM_CPUS_PER_TASK")
+            "SPOT", "SERVICE_ACCOUNT", "NODE_COUNT", "REPO_URL", "REPO_REF", "WORKER", "NODE", "DRY_RUN", "CONFIG",
+            "WORKDIR", "SETUP", "PYTHON", "PYTHON_VERSION", "JAX_SPEC", "LOG_SYNC_S",
+            "STOP_TIMEOUT_S", "START_CHECK_S", "POLL_S", "WAIT_TIMEOUT_S", "SLURM_JOB_ID",
+            "SLURM_CPUS_PER_TASK", "SLURM_NNODES", "SLURM_NTASKS", "SLURM_RESTART_COUNT")
 
 
 def script(command, timeout=60, **env):
@@ -178,9 +180,11 @@ def test_tpu_pod_dry_run_prints_the_gcloud_commands():
       in dry_run("tail")
   assert "tpu_worker.sh stop 900'" in dry_run("stop", STOP_TIMEOUT_S="900")
   assert f"+ gcloud compute tpus tpu-vm delete mim {where} --quiet" in dry_run("delete")
-  queued = dry_run("create", QUEUED="1", SPOT="1")
+  queued = dry_run("create", QUEUED="1", SPOT="1", SERVICE_ACCOUNT="sa@p.iam.gserviceaccount.com")
   assert (f"+ gcloud compute tpus queued-resources create mim --node-id=mim {where} "
-          f"--accelerator-type=v4-32 --runtime-version=tpu-ubuntu2204-base --spot") in queued
+          f"--accelerator-type=v4-32 --runtime-version=tpu-ubuntu2204-base --spot "
+          f"--service-account=sa@p.iam.gserviceaccount.com "
+          f"--scopes=https://www.googleapis.com/auth/cloud-platform") in queued
   assert "describe mim" in queued and "until ACTIVE" in queued
 
 
