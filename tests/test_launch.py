@@ -4,7 +4,7 @@ The TPU pod launcher is tested for real against tests/fake_gcloud/gcloud: a
 stand-in `gcloud` on PATH whose slice workers are local processes (one CPU
 device each), so launch/tpu_pod.sh and launch/tpu_worker.sh run unchanged:
 create, install, run, stop (SIGTERM: a checkpoint), a simulated preemption,
-resume (recreate, install, run: the run continues from that checkpoint).
+resume (recreate, install, run: the run continues from that checkpoint), stop.
 """
 
 import dataclasses
@@ -354,25 +354,27 @@ def test_run_stop_preemption_resume_on_a_fake_slice(pod, tmp_path, demo_dir):
   state = json.load(open(pod.root / "state.json"))
   state["mim"]["state"] = "PREEMPTED"
   json.dump(state, open(pod.root / "state.json", "w"))
-  resume = pod("resume", "configs/mae_vit_tiny.py:demo", workdir,
-               f"--config.total_steps={step + 2}", *flags, REPO_URL=repo)
+  resume = pod("resume", "configs/mae_vit_tiny.py:demo", workdir, "--config.total_steps=10000",
+               *flags, REPO_URL=repo)
   assert resume.returncode == 0, resume.stdout + resume.stderr
   assert "mim: PREEMPTED" in resume.stdout
   verbs = [call[2:4] for call in map(json.loads, open(pod.root / "calls.jsonl"))]
   assert verbs[-7:] == [["tpu-vm", "describe"], ["tpu-vm", "delete"], ["tpu-vm", "create"],
                         ["tpu-vm", "describe"], ["tpu-vm", "describe"], ["tpu-vm", "ssh"],
                         ["tpu-vm", "ssh"]]
-  copied0 = os.path.join(workdir, "logs", "fake-mim-w-0.log")
-  wait_for(lambda: read(copied0).count("the trainer exited with status") == 2, "the resumed run")
-  log = read(copied0)
+  # The new VM's log starts from the copy in the workdir.
+  wait_for(lambda: f"step {step + 1}/10000" in read(log0), "a step of the resumed run")
+  assert pod("stop").returncode == 0
+  saved = sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit())
+  assert saved[0] == step and saved[-1] > step, saved
+  log = read(os.path.join(workdir, "logs", "fake-mim-w-0.log"))
   assert log.count("the trainer exited with status 0") == 2, log[-3000:]
-  # One log across both VMs: the first run's lines, then the resumed run's.
-  assert log.index(f"SIGTERM received: saved step {step}") < log.index(
-      f"Resumed from step {step}")
-  records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
-  assert [r["step"] for r in records][-2:] == [step + 1, step + 2]
-  assert max(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints"))
-             if s.isdigit()) == step + 2
+  # One log across both VMs: the first run, then the resumed one, each saving on SIGTERM.
+  first_save = log.index(f"SIGTERM received: saved step {step}")
+  assert first_save < log.index(f"Resumed from step {step}") < log.index(
+      f"SIGTERM received: saved step {saved[-1]}")
+  steps = [json.loads(line)["step"] for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  assert steps == list(range(1, saved[-1] + 1))  # log_every=1: no step lost or repeated
   assert pod("delete").returncode == 0
 
 
