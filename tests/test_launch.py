@@ -74,6 +74,12 @@ def test_one_slice_puts_each_fsdp_group_on_neighbouring_chips():
     assert any(len({d.coords[axis] for d in row}) == 1 for axis in range(3))
 
 
+def test_devices_without_a_torus_layout_keep_their_order():
+  chips = tpu_slice((2, 2, 2))[:6]  # not a cuboid: mesh_utils finds a hole
+  grid = sharding.device_grid(3, 2, chips)
+  assert [d.id for d in grid.flat] == [d.id for d in chips]
+
+
 def test_multislice_data_axis_spans_the_slices():
   chips = tpu_slice((2, 2, 1), 0, seed=1) + tpu_slice((2, 2, 1), 1, seed=2)
   random.Random(3).shuffle(chips)

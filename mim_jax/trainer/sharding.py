@@ -14,6 +14,7 @@ from typing import Any, Sequence
 
 import jax
 import numpy as np
+from absl import logging
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
@@ -36,7 +37,9 @@ def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[Any] | None = Non
   count, whatever the topology). On one slice the devices are laid out by
   `mesh_utils.create_device_mesh`, so that on a TPU each 'fsdp' group (the
   axis that communicates every layer) sits on neighbouring chips of the ICI
-  torus. On several slices (multislice: devices with different `slice_index`)
+  torus (a layout it cannot make, e.g. on part of a torus, falls back to the
+  devices' order with a warning). On several TPU slices (multislice: devices
+  with different `slice_index`)
   the 'data' axis spans `dcn_data` slices (-1: all of them), so only the
   once-a-step gradient reduction crosses the slow data-centre network; the
   remaining slices, if any, extend 'fsdp'.
@@ -61,8 +64,13 @@ def device_grid(data: int, fsdp: int, devices: Sequence[Any] | None = None, *,
     if dcn_data not in (-1, 1):
       raise ConfigError(f"mesh.dcn_data={dcn_data} but the {len(devices)} devices form one "
                         f"slice; leave mesh.dcn_data at -1 (or 1)")
-    return mesh_utils.create_device_mesh((data, fsdp), devices,
-                                         allow_split_physical_axes=True)
+    try:
+      return mesh_utils.create_device_mesh((data, fsdp), devices,
+                                           allow_split_physical_axes=True)
+    except (AssertionError, NotImplementedError, ValueError) as error:  # e.g. a partial torus
+      logging.warning("mesh: no topology-aware layout of data=%d x fsdp=%d on these devices "
+                      "(%s); using their order", data, fsdp, str(error).splitlines()[0][:200])
+      return np.asarray(devices).reshape(data, fsdp)
   dcn_data = slices if dcn_data == -1 else dcn_data
   if dcn_data < 1 or slices % dcn_data:
     raise ConfigError(f"mesh.dcn_data={dcn_data} must divide the {slices} slices; use -1 "
@@ -92,9 +100,9 @@ def _axis_sizes(data: int, fsdp: int, count: int) -> tuple[int, int]:
 
 
 def _slice_count(devices: Sequence[Any]) -> int:
-  """How many slices the devices span (1 where devices carry no `slice_index`)."""
+  """How many TPU slices the devices span (1 off TPU, where `slice_index` means other things)."""
   indices = {getattr(d, "slice_index", None) for d in devices}
-  if None in indices:
+  if devices[0].platform != "tpu" or None in indices:
     return 1
   per_slice = collections.Counter(d.slice_index for d in devices)
   if len(set(per_slice.values())) > 1:
