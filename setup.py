@@ -12,6 +12,9 @@ setup(
     name="mim_jax",
     version="0.1.0",
     description="MAE / D-MAE / D2-MAE pre-training of lightweight ViTs in JAX/Flax",
+    # The one canonical repository URL: README, launch/, docs/ and colab/ use exactly this
+    # (tests/test_launch.py checks every GitHub URL of the project against it).
+    url="https://github.com/mim-jax/mim_jax",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["mim_jax", "mim_jax.*"]),
@@ -41,5 +44,8 @@ setup(
         "test": ["pytest", "pytest-xdist", "scipy", "scikit-image", "scikit-learn", "nbclient",
                  "nbformat", "ipykernel"],
         "torch": ["torch==2.14.1", "torchvision==0.29.1", "timm", "safetensors"],
+        # gs:// workdirs, data and teachers (mim_jax/io.py reads them through etils.epath);
+        # launch/tpu_pod.sh installs it on every TPU worker.
+        "gcs": ["gcsfs", "google-cloud-storage"],
     },
 )

@@ -64,7 +64,9 @@ def pretrain_config(task: str) -> ml_collections.ConfigDict:
       b2=0.95,
       weight_decay=0.05,
   ))
-  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, fsdp_min_size=2**14))
+  # dcn_data: slices the data axis spans on a multislice run (-1: all; the rest extend fsdp)
+  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, fsdp_min_size=2**14,
+                                               dcn_data=-1))
 
   config.data = default_data_config()
   config.data.kind = "tfds"
@@ -169,7 +171,9 @@ def finetune_config() -> ml_collections.ConfigDict:
       mixup_alpha=0.2, cutmix_alpha=0.0, prob=1.0, switch_prob=0.5, label_smoothing=0.0))
   config.ema_decay = config_dict.placeholder(float)  # EMA of the weights, evaluated too
 
-  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, fsdp_min_size=2**14))
+  # dcn_data: slices the data axis spans on a multislice run (-1: all; the rest extend fsdp)
+  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, fsdp_min_size=2**14,
+                                               dcn_data=-1))
   config.data = default_data_config()
   config.data.kind = "tfds"
   config.data.name = "imagenet2012"

@@ -339,59 +339,7 @@ def test_local_launcher_refuses_bad_arguments(argv, message):
   assert result.returncode == 2 and message in result.stderr
 
 
-TPU_SETTINGS = dict(PROJECT="my-project", ZONE="us-central2-b", TPU_NAME="mim",
-                    ACCELERATOR_TYPE="v4-32", RUNTIME_VERSION="tpu-ubuntu2204-base",
-                    REPO_URL="https://example.com/mim_jax.git")
-
-
-def test_tpu_pod_dry_run_prints_the_gcloud_commands():
-  script = os.path.join(LAUNCH, "tpu_pod.sh")
-  out = {}
-  for command in ("create", "install", "run", "tail", "stop", "delete"):
-    args = (["configs/mae_vit_tiny.py", "gs://bucket/mae", "--config.seed=1"]
-            if command == "run" else [])
-    result = run_script(["bash", script, command, *args], DRY_RUN="1", **TPU_SETTINGS)
-    assert result.returncode == 0, result.stderr
-    out[command] = result.stdout
-  assert "+ gcloud compute tpus tpu-vm create mim --project=my-project --zone=us-central2-b " \
-         "--accelerator-type=v4-32 --version=tpu-ubuntu2204-base" in out["create"]
-  assert "--worker=all" in out["install"] and "pip install" in out["install"]
-  assert "--worker=all" in out["run"]
-  assert ("python3 -m mim_jax.train --config=configs/mae_vit_tiny.py --workdir=gs://bucket/mae "
-          "--config.seed=1") in out["run"]
-  assert "--worker=0" in out["tail"] and "kill -TERM" in out["stop"].replace("\\", "")
-  assert "tpu-vm delete mim" in out["delete"]
-  queued = run_script(["bash", script, "create"], DRY_RUN="1", QUEUED="1", **TPU_SETTINGS)
-  assert "queued-resources create mim --node-id=mim" in queued.stdout
-
-
-@pytest.mark.parametrize("argv,env,message", [
-    (["create"], {}, "'create' needs PROJECT ZONE TPU_NAME"),
-    (["create"], dict(PROJECT="p", ZONE="z", TPU_NAME="t"),
-     "'create' needs ACCELERATOR_TYPE RUNTIME_VERSION"),
-    (["install", "--project=p", "--zone=z", "--tpu_name=t"], {}, "'install' needs REPO_URL"),
-    (["run", "configs/mae_vit_tiny.py", "/tmp/local"], dict(PROJECT="p", ZONE="z", TPU_NAME="t"),
-     "the workdir must be a gs:// path"),
-    (["run"], dict(PROJECT="p", ZONE="z", TPU_NAME="t"), "usage:"),
-    (["launch"], {}, "unknown command 'launch'"),
-])
-def test_tpu_pod_refuses_missing_settings(argv, env, message):
-  result = run_script(["bash", os.path.join(LAUNCH, "tpu_pod.sh"), *argv], DRY_RUN="1", **env)
-  assert result.returncode == 2 and message in result.stderr, result.stderr
-  assert "+ gcloud" not in result.stdout
-
-
-def test_slurm_template_dry_run_and_refusals():
-  script = os.path.join(LAUNCH, "gpu_slurm.sbatch")
-  result = run_script(["bash", script, "--config.seed=1"], DRY_RUN="1",
-                      CONFIG="configs/mae_vit_tiny.py", WORKDIR="/shared/mae")
-  assert result.returncode == 0, result.stderr
-  assert ("+ srun --kill-on-bad-exit=1 python3 -m mim_jax.train --config=configs/mae_vit_tiny.py "
-          "--workdir=/shared/mae --config.seed=1") in result.stdout
-  missing = run_script(["bash", script], DRY_RUN="1", WORKDIR="/shared/mae")
-  assert missing.returncode == 2 and "error: set CONFIG" in missing.stderr
-  outside = run_script(["bash", script], CONFIG="c.py", WORKDIR="/shared/mae")
-  assert outside.returncode == 2 and "not inside a SLURM job" in outside.stderr
+# launch/tpu_pod.sh and launch/gpu_slurm.sbatch: tests/test_launch.py.
 
 
 @pytest.mark.slow

@@ -7,8 +7,11 @@ this checkout first on PYTHONPATH. A cell is injected after the one tagged
 `parameters`: it shrinks the step counts and model sizes (the names in `SHRUNK`
 that the parameters cell assigns), sends every `*_DIR` parameter to `tmp_path`
 (`DATA_DIR`: one demo/digits data directory, built once for all notebooks) and
-leaves the other parameters alone. A failing cell fails the test with its source
-and traceback; the executed notebook is kept in `tmp_path` for inspection.
+leaves the other parameters alone. A cell tagged `internet` (02_distillation's
+download and conversion of the official MAE ViT-Base) is not run: the test puts a
+line saying so in its place and warns that it skipped it. A failing cell fails the
+test with its source and traceback; the executed notebook is kept in `tmp_path`
+for inspection.
 
 The kernel does *not* get conftest's 8 fake CPU devices: the notebooks run as on a
 Colab CPU runtime (one device); sharding is tested elsewhere. The notebooks share a
@@ -22,6 +25,7 @@ import json
 import os
 import re
 import sys
+import warnings
 
 import pytest
 
@@ -55,6 +59,8 @@ SHRUNK = {
 # (03_analysis's `show(name)` helper displays the PNG a plot wrote).
 SHOWS_PLOT = re.compile(r"plt\.show\(\)|^\s*show\(|display\(Image\(", re.MULTILINE)
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+# Cells that download (they need internet and minutes): skipped, with a warning saying so.
+INTERNET_TAG = "internet"
 # Packages of optional extras (`torch`): a notebook importing one is skipped without it.
 OPTIONAL = ("torch", "timm", "safetensors")
 OPTIONAL_IMPORT = re.compile(rf"^\s*(?:import|from)\s+({'|'.join(OPTIONAL)})\b", re.MULTILINE)
@@ -116,6 +122,9 @@ def test_notebook_is_committed_clean(path):
       "the parameters cell holds plain assignments only (the test overrides them after it)")
   assert any(name.endswith("DIR") for name in assigned_names(source)), (
       "outputs must go to a *_DIR parameter")
+  for cell in code_cells:  # skipped by the test: each must skip itself when offline too
+    if INTERNET_TAG in cell.metadata.get("tags", []):
+      assert "urlopen" in cell.source, "a cell tagged 'internet' checks it can reach its URL"
 
 
 @pytest.fixture(scope="session", name="kernel_setup")
@@ -167,6 +176,11 @@ def test_notebook_runs(path, tmp_path, kernel_setup, monkeypatch):
       injected_source(names, tmp_path, kernel_setup["data_dir"]),
       metadata={"tags": ["injected-parameters"]})
   nb.cells.insert(index + 1, injected)
+  for cell in nb.cells:
+    if INTERNET_TAG in cell.metadata.get("tags", []):
+      cell.source = "print('Skipped by tests/test_notebooks.py: this cell needs internet')"
+      warnings.warn(f"{os.path.basename(path)}: skipped the cell tagged {INTERNET_TAG!r} "
+                    f"(it downloads; the test runs offline)")
 
   # Where the client's kernel manager (created, and shut down, by nbclient) finds the spec.
   monkeypatch.setenv("JUPYTER_PATH", os.pathsep.join(

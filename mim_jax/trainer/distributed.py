@@ -4,7 +4,11 @@ One JAX process runs per host (per GPU under SLURM); they find each other
 through a coordinator (process 0). `initialize` decides how:
 
   * explicit `coordinator_address`, `num_processes`, `process_id` (the local
-    launcher, a hand-started cluster): initialize with them;
+    launcher, a hand-started cluster), as flags or, for a launcher that starts
+    one command line everywhere, as the variables `MIM_JAX_COORDINATOR_ADDRESS`,
+    `MIM_JAX_NUM_PROCESSES`, `MIM_JAX_PROCESS_ID`: initialize with them;
+  * a Colab (or Kaggle) runtime: one host, a single process, whatever TPU
+    metadata it shows;
   * a cluster that started several processes, a Cloud TPU VM (pod slice or
     multislice) or a SLURM step with more than one task: initialize with no
     arguments, JAX reads the cluster's own description;
@@ -36,6 +40,13 @@ _JAX_TIMEOUT_MARGIN_S = 60
 _WATCHDOG_EXIT_STATUS = 2
 # What JAX's SLURM detection reads: set in tasks that srun started.
 _SLURM_TASK_VARS = ("SLURM_STEP_NODELIST", "SLURM_PROCID", "SLURM_LOCALID")
+# The multi-process flags' environment form (a launcher exports them per process).
+ENVIRON_FLAGS = (("coordinator_address", "MIM_JAX_COORDINATOR_ADDRESS"),
+                 ("num_processes", "MIM_JAX_NUM_PROCESSES"),
+                 ("process_id", "MIM_JAX_PROCESS_ID"))
+_FROM_ENVIRON = "MIM_JAX_* variables"
+# Set in every Colab runtime (and in Kaggle's, built on Colab's image): one host.
+_NOTEBOOK_RUNTIME_VARS = ("COLAB_RELEASE_TAG", "COLAB_GPU", "KAGGLE_KERNEL_RUN_TYPE")
 
 
 class CoordinatorError(UserError):
@@ -50,7 +61,7 @@ class Topology:
   local_devices: int
   global_devices: int
   platform: str
-  how: str  # 'single process', 'explicit flags', 'slurm' or 'tpu'
+  how: str  # 'single process[, Colab]', 'explicit flags', 'MIM_JAX_* variables', 'slurm', 'tpu'
   coordinator: str | None = None
 
   def describe(self) -> str:
@@ -60,8 +71,14 @@ class Topology:
 
 
 def detect_cluster(environ: Mapping[str, str] | None = None) -> str | None:
-  """'tpu' or 'slurm' when a cluster started this process as one of several, else None."""
+  """'tpu' or 'slurm' when a cluster started this process as one of several, else None.
+
+  A Colab runtime is one host even on a TPU (whose VM may describe a slice in
+  its metadata): None, so that `python -m mim_jax.train` runs as one process.
+  """
   environ = os.environ if environ is None else environ
+  if on_notebook_runtime(environ):
+    return None
   hosts = environ.get("TPU_PROCESS_ADDRESSES") or environ.get("TPU_WORKER_HOSTNAMES") or ""
   if len([h for h in hosts.split(",") if h.strip()]) > 1 or environ.get(
       "MEGASCALE_COORDINATOR_ADDRESS"):
@@ -71,6 +88,37 @@ def detect_cluster(environ: Mapping[str, str] | None = None) -> str | None:
   if environ.get("SLURM_JOB_ID") and _int(environ.get("SLURM_NTASKS")) > 1:
     return "slurm"
   return None
+
+
+def on_notebook_runtime(environ: Mapping[str, str] | None = None) -> bool:
+  """Whether this is a Colab (or Kaggle) runtime, from its environment variables."""
+  environ = os.environ if environ is None else environ
+  return any(name in environ for name in _NOTEBOOK_RUNTIME_VARS)
+
+
+def flags_from_environ(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+  """The multi-process flags a launcher exported as MIM_JAX_* variables ({} if none).
+
+  Raises:
+    ConfigError: only some of the variables set, or values that are not valid.
+  """
+  environ = os.environ if environ is None else environ
+  given = {flag: environ[name] for flag, name in ENVIRON_FLAGS if environ.get(name)}
+  if not given:
+    return {}
+  if len(given) < len(ENVIRON_FLAGS):
+    missing = ", ".join(name for flag, name in ENVIRON_FLAGS if flag not in given)
+    raise ConfigError(f"multi-process variables are incomplete: set {missing} too (or unset "
+                      f"the MIM_JAX_* variables and pass the flags)")
+  for flag, name in ENVIRON_FLAGS[1:]:
+    if not given[flag].isdigit():
+      raise ConfigError(f"{name}={given[flag]!r} must be a non-negative integer")
+    given[flag] = int(given[flag])
+  if not 0 <= given["process_id"] < given["num_processes"]:
+    raise ConfigError(f"MIM_JAX_PROCESS_ID={given['process_id']} must be in "
+                      f"[0, {given['num_processes']}) for MIM_JAX_NUM_PROCESSES="
+                      f"{given['num_processes']}")
+  return given
 
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
@@ -90,6 +138,14 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   """
   if timeout_s <= 0:
     raise ConfigError(f"--distributed_timeout_s={timeout_s} must be positive")
+  explicit_how = "explicit flags"
+  if coordinator_address is None and num_processes is None and process_id is None:
+    from_environ = flags_from_environ()
+    if from_environ:
+      coordinator_address = from_environ["coordinator_address"]
+      num_processes = from_environ["num_processes"]
+      process_id = from_environ["process_id"]
+      explicit_how = _FROM_ENVIRON
   explicit = {"--coordinator_address": coordinator_address, "--num_processes": num_processes,
               "--process_id": process_id}
   given = {k: v for k, v in explicit.items() if v is not None}
@@ -107,7 +163,7 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
       check_port_free(port, coordinator_address)
     else:
       wait_for_coordinator(host, port, coordinator_address, timeout_s)
-    how = "explicit flags"
+    how = explicit_how
     kwargs = dict(coordinator_address=coordinator_address, num_processes=num_processes,
                   process_id=process_id)
   elif given:  # --num_processes=1: nothing to coordinate
@@ -118,7 +174,8 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   else:
     cluster = detect_cluster()
     if cluster is None:
-      return _topology("single process", None)
+      return _topology("single process, Colab" if on_notebook_runtime() else "single process",
+                       None)
     if cluster == "slurm" and not all(k in os.environ for k in _SLURM_TASK_VARS):
       raise ConfigError(f"SLURM_NTASKS={os.environ['SLURM_NTASKS']} but this process is not a "
                         f"task of a job step; start it with srun (see launch/gpu_slurm.sbatch)")
@@ -219,7 +276,7 @@ class _Watchdog:
 
   @staticmethod
   def _describe(address, num_processes, process_id, how) -> str:
-    if how == "explicit flags":
+    if how in ("explicit flags", _FROM_ENVIRON):
       return (f"process {process_id}: not all {num_processes} processes joined through the "
               f"coordinator at {address} in time; start every process with the same "
               f"--coordinator_address and --num_processes and a distinct --process_id, or "
