@@ -72,7 +72,7 @@ def bench_task(config):
 
 def bench_step(config) -> dict[str, float]:
   task = bench_task(config)
-  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+  mesh = sharding.mesh_from_config(config.mesh)
   sharding.check_batch_size(config.batch_size, mesh)
   abstract_params = jax.eval_shape(task.init_params, jax.random.PRNGKey(0))
   tx, schedule = loop.make_optimizer(config, abstract_params, total_steps=1000,

@@ -230,11 +230,13 @@ class PreemptionWatcher:
 
   With several processes JAX's preemption service catches SIGTERM, and `check`
   returns True on every process at the same step: one process saving alone
-  would wait forever for the others.
+  would wait forever for the others. The service counts steps from the process's
+  start, so a resumed run (`start_step` > 0) reports the steps it has run itself.
   """
 
-  def __init__(self):
+  def __init__(self, start_step: int = 0):
     self.requested = False
+    self._start_step = start_step
     self._previous = None
     self._synced = jax.process_count() > 1 and _preemption_service_running()
     if self._synced:
@@ -251,7 +253,7 @@ class PreemptionWatcher:
   def check(self, step: int) -> bool:
     """Whether to save and stop after `step`; call it at every step, on every process."""
     if self._synced and not self.requested:
-      self.requested = multihost_utils.reached_preemption_sync_point(step)
+      self.requested = multihost_utils.reached_preemption_sync_point(step - self._start_step)
     return self.requested
 
   def close(self):
@@ -282,7 +284,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task) -> dict[s
   primary = jax.process_index() == 0
 
   # --- Mesh and data -------------------------------------------------------
-  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+  mesh = sharding.mesh_from_config(config.mesh)
   sharding.check_batch_size(config.batch_size, mesh)
   spec = task.data_spec
   needs_labels = spec.labels
@@ -364,7 +366,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task) -> dict[s
 
   writer = metrics.MetricWriter(workdir, primary=primary)
   throughput = metrics.Throughput(start_step, config.batch_size)
-  preemption = PreemptionWatcher()
+  preemption = PreemptionWatcher(start_step)
   pending: list[tuple[int, dict[str, jax.Array]]] = []
   last_scalars: dict[str, float] = {}
 
