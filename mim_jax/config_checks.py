@@ -38,12 +38,9 @@ def _is_number(value: Any) -> bool:
   return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def integer(value: Any) -> bool:
-  return _is_int(value)
-
-
-def int_at_least(low: int) -> Rule:
-  return lambda value: _is_int(value) and value >= low
+def int_at_least(low: int, below: float = math.inf) -> Rule:
+  """An integer in [low, below)."""
+  return lambda value: _is_int(value) and low <= value < below
 
 
 def number_in(low: float, high: float = math.inf, *, low_open: bool = False,
@@ -86,7 +83,8 @@ def mesh_axis(value: Any) -> bool:
 # ----------------------------------------------------------------------------
 POSITIVE = "must be a positive integer"
 RULES: tuple[tuple[str, Rule, str], ...] = (
-    ("seed", integer, "must be an integer"),
+    ("seed", int_at_least(0, 2**32), "must be an integer in [0, 2**32) (it also seeds the "
+     "data order)"),
     ("batch_size", int_at_least(1), f"{POSITIVE} (the global batch, over all devices)"),
     ("total_steps", optional(int_at_least(1)),
      f"{POSITIVE}, or None to derive it from total_epochs"),

@@ -11,19 +11,26 @@ not exist.
 The rows run through `cli_runner.CliRunner`: one process imports JAX and the rest
 once, then forks a child per command line that runs the CLI module as `python -m`
 does. Most rows fail before any JAX work and cost a fraction of a second.
+
+The rules of `mim_jax.config_checks` are also tested in-process: every shipped config
+passes them, every rule's key is in some config (a key that moves must be re-pointed
+there), and a broken rule names its key and value.
 """
 
 import dataclasses
+import glob
 import hashlib
+import importlib.util
 import os
 import re
 import shutil
 
+import ml_collections
 import pytest
 
 from cli_runner import CliRunner
-
-pytestmark = pytest.mark.slow  # a real 2-step run per session; then ~0.3 s a row
+from mim_jax import config_checks
+from mim_jax.errors import ConfigError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(REPO, "configs")
@@ -76,6 +83,7 @@ ROWS = (
     Row("image_every_negative", "train", (*TRAIN, "--config.image_every=-1"), "image_every=-1"),
     Row("total_steps_0", "train", (*TRAIN, "--config.total_steps=0"), "total_steps=0"),
     Row("batch_size_0", "train", (*TRAIN, "--config.batch_size=0"), "batch_size=0"),
+    Row("seed_negative", "train", (*TRAIN, "--config.seed=-1"), "seed=-1"),
     Row("crop_scale_from_0", "train", (*TRAIN, "--config.data.crop_scale=(0.0,1.0)"),
         "data.crop_scale=(0.0, 1.0)"),
     Row("crop_scale_above_1", "train", (*TRAIN, "--config.data.crop_scale=(0.5,1.5)"),
@@ -250,8 +258,52 @@ def snapshot(directory: str) -> dict[str, str]:
 
 
 # ----------------------------------------------------------------------------
+# The rules of config_checks against the shipped configs (in-process, no runner)
+# ----------------------------------------------------------------------------
+def shipped_configs() -> dict[str, ml_collections.ConfigDict]:
+  """Every config file, full and :demo (mim_jax.demo's configs derive from these; importing
+  it here would define its flags in this process)."""
+  configs = {}
+  for path in sorted(glob.glob(os.path.join(CONFIGS, "*.py"))):
+    spec = importlib.util.spec_from_file_location("shipped_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    full = "flowers" if path.endswith("transfer_vit_tiny.py") else None
+    for arg in (full, "demo"):
+      configs[f"{os.path.basename(path)}:{arg}"] = module.get_config(arg)
+  return configs
+
+
+def test_every_shipped_config_passes_and_every_rule_has_a_key():
+  configs = shipped_configs()
+  for config in configs.values():
+    config_checks.check_config(config)  # raises, naming the key, if a recipe breaks a rule
+  stale = [key for key, _, _ in config_checks.RULES
+           if not any(config_checks.lookup(config, key)[0] for config in configs.values())]
+  assert not stale, f"rules for keys no config has (moved? re-point them): {stale}"
+
+
+@pytest.mark.parametrize("key, value", [
+    ("keep_checkpoints", 0), ("log_every", 0), ("model.depth", 0), ("model.patch_size", 0),
+    ("data.crop_scale", (0.2, 1.5)), ("data.crop_scale", (0.0, 1.0)), ("seed", -1),
+    ("total_steps", 0), ("mesh.fsdp", 0), ("model.mlp_ratio", float("nan")),
+    ("batch_size", True)])
+def test_a_broken_rule_names_its_key_and_value(tiny_config, key, value):
+  *parents, leaf = key.split(".")
+  node = tiny_config
+  for parent in parents:
+    node = node[parent]
+  with node.unlocked():
+    node[leaf] = value
+  with pytest.raises(ConfigError) as info:
+    config_checks.check_config(tiny_config)
+  assert str(info.value).startswith(f"{key}={value!r} ")
+
+
+# ----------------------------------------------------------------------------
 # The table
 # ----------------------------------------------------------------------------
+@pytest.mark.slow  # a real 2-step run per session; then a fraction of a second a row
 @pytest.mark.parametrize("row", [pytest.param(row, id=row.name, marks=row.marks)
                                  for row in ROWS])
 def test_bad_input_is_one_line_and_changes_nothing(row, runner, paths, tmp_path):
