@@ -12,9 +12,11 @@ the key (a fine-tuning config has no decoder, a pre-training one no
 
     check_config(config)     # every rule, then the checks that relate two keys
     check_workdir(workdir)   # a directory, or one that can be created, and writable
+    check_output_dir(path, flag, what)   # the same for another command's output flag
 """
 
 import math
+import numbers
 import os
 from collections.abc import Callable
 from typing import Any
@@ -31,11 +33,12 @@ Rule = Callable[[Any], bool]
 # Rules: predicates on one value
 # ----------------------------------------------------------------------------
 def _is_int(value: Any) -> bool:
-  return isinstance(value, int) and not isinstance(value, bool)
+  return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _is_number(value: Any) -> bool:
-  return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+  return (isinstance(value, numbers.Real) and not isinstance(value, bool) and
+          math.isfinite(value))
 
 
 def int_at_least(low: int, below: float = math.inf) -> Rule:
