@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 from absl import app, flags, logging
 
-from mim_jax import cli
+from mim_jax import cli, config_checks
 from mim_jax.analysis import attention, cka, inputs, plots, reconstruction
 from mim_jax.errors import UserError
 
@@ -228,8 +228,6 @@ def _single_model() -> tuple[str, str | None]:
 
 
 def _command(name: str):
-  if not _OUT.value:
-    raise UserError("--out is required: the directory for the arrays and figures")
   if name == "cka":
     if not _MODEL_A.value or not _MODEL_B.value:
       raise UserError("cka needs --model_a and --model_b")
@@ -252,13 +250,47 @@ def _command(name: str):
 
 
 COMMANDS = ("cka", "attention", "reconstruct")
+# The flags each command reads (besides --out and the data flags, which all read).
+COMMAND_FLAGS = {
+    "cka": ("model_a", "model_b", "name_a", "name_b", "layers_a", "layers_b", "batch_size",
+            "num_batches"),
+    "attention": ("model", "name", "layers", "query_token", "map_image", "batch_size",
+                  "num_batches"),
+    "reconstruct": ("model", "name", "num_images", "mask_ratio", "seed", "decoder_layer",
+                    "norm_pix_loss"),
+}
+
+
+def check_arguments(argv: Sequence[str]) -> str:
+  """The command, after checking the flags it reads; every mistake is one UserError line."""
+  if len(argv) != 2 or argv[1] not in COMMANDS:
+    got = " ".join(argv[1:]) or "none"
+    raise UserError(f"give one command: {' | '.join(COMMANDS)} (got {got!r})")
+  command = argv[1]
+  for flag in sorted({f for flags_ in COMMAND_FLAGS.values() for f in flags_}):
+    if flags.FLAGS[flag].present and flag not in COMMAND_FLAGS[command]:
+      users = [name for name, names in COMMAND_FLAGS.items() if flag in names]
+      raise UserError(f"--{flag} does not apply to {command}; it is a flag of "
+                      f"{' and '.join(users)}")
+  if not _OUT.value:
+    raise UserError("--out is required: the directory for the arrays and figures")
+  config_checks.check_output_dir(_OUT.value, "--out", "a directory for the arrays and figures")
+  minimums = {"batch_size": 1, "num_batches": 0, "num_images": 1, "map_image": 0}
+  for flag, minimum in minimums.items():
+    if flags.FLAGS[flag].value < minimum:
+      raise UserError(f"--{flag}={flags.FLAGS[flag].value} must be >= {minimum}")
+  for flag in ("image_size", "query_token"):  # None = the default
+    value, minimum = flags.FLAGS[flag].value, 1 if flag == "image_size" else 0
+    if value is not None and value < minimum:
+      raise UserError(f"--{flag}={value} must be >= {minimum} (or left out for the default)")
+  if not 0.0 < _MASK_RATIO.value < 1.0:
+    raise UserError(f"--mask_ratio={_MASK_RATIO.value} must be in (0, 1)")
+  return command
 
 
 def main(argv: Sequence[str]) -> None:
-  if len(argv) != 2 or argv[1] not in COMMANDS:
-    raise app.UsageError(f"give one command: {' | '.join(COMMANDS)} (got {list(argv[1:])})")
-  cli.run_reporting_user_errors(lambda: _command(argv[1])())
+  cli.run_reporting_user_errors(lambda: _command(check_arguments(argv))())
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

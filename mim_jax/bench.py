@@ -40,8 +40,9 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from mim_jax import cli
+from mim_jax import cli, config_checks
 from mim_jax.data import pipeline
+from mim_jax.errors import UserError
 from mim_jax.step_breakdown import breakdown, median_seconds
 from mim_jax.tasks.registry import build_task
 from mim_jax.trainer import loop, sharding
@@ -138,11 +139,52 @@ def print_result(result: dict[str, Any]) -> None:
     print(f"  {key:28s} {value:.4g}" if isinstance(value, float) else f"  {key:28s} {value}")
 
 
+PRETRAINING_TASKS = ("mae", "dmae", "d2mae")
+
+
+def check_flags(config) -> None:
+  """Flags that cannot work together or with `config`: one line before anything compiles."""
+  if _STEPS.value < 1:
+    raise UserError(f"--steps={_STEPS.value} must be >= 1 (timed steps)")
+  if _PEAK.value is not None and not _PEAK.value > 0:
+    raise UserError(f"--peak_tflops={_PEAK.value} must be > 0: the devices' peak dense "
+                    f"TFLOP/s, all together")
+  if _TORCH_DEVICE.present and not _TORCH.value:
+    raise UserError(f"--torch_device={_TORCH_DEVICE.value} needs --torch (it says where the "
+                    f"PyTorch step runs)")
+  step_only = {"torch": _TORCH.value, "breakdown": _BREAKDOWN.value,
+               "peak_tflops": _PEAK.value is not None, "profile_dir": _PROFILE_DIR.value}
+  if _DATA.value:
+    given = [f"--{name}" for name, value in step_only.items() if value]
+    if given:
+      raise UserError(f"{', '.join(given)} only apply to the train step, which --data does "
+                      f"not run; drop one or the other")
+  for name in ("torch", "breakdown"):
+    if step_only[name] and config.task not in PRETRAINING_TASKS:
+      raise UserError(f"--{name} times pre-training steps {PRETRAINING_TASKS}; "
+                      f"task={config.task!r} is not one")
+  if _PROFILE_DIR.value is not None:
+    config_checks.check_output_dir(_PROFILE_DIR.value, "--profile_dir",
+                                   "a directory for the profiler trace")
+  if _TORCH.value:
+    try:
+      import timm  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+      import torch  # pylint: disable=g-import-not-at-top
+    except ImportError as error:
+      raise UserError(f"--torch needs torch and timm: pip install -e '.[torch]' "
+                      f"({error})") from None
+    if _TORCH_DEVICE.value == "cuda" and not torch.cuda.is_available():
+      raise UserError("--torch_device=cuda but torch sees no CUDA device "
+                      "(torch.cuda.is_available() is False); use --torch_device=cpu")
+
+
 def main(argv):
-  del argv
   config = _CONFIG.value
 
   def run():
+    cli.check_no_arguments(argv)
+    config_checks.check_config(config)
+    check_flags(config)
     result = bench_data(config) if _DATA.value else bench_step(config)
     kind = "input pipeline" if _DATA.value else f"train step ({config.task})"
     print(f"{kind} on {jax.devices()[0].device_kind} x{jax.device_count()}:")

@@ -29,17 +29,18 @@ logging keys carry over to the students, whose size has its own flags.
 import importlib.util
 import json
 import os
+from collections.abc import Sequence
 
 import jax
 import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mim_jax import cli, config_defaults
+from mim_jax import cli, config_checks, config_defaults
 from mim_jax.convert import converted
 from mim_jax.data import sources
-from mim_jax.errors import UserError
 from mim_jax.analysis import quick_probe
+from mim_jax.errors import ConfigError, UserError
 from mim_jax.tasks.registry import build_task
 from mim_jax.trainer import loop
 
@@ -188,13 +189,23 @@ def evaluate_students(configs: dict[str, ml_collections.ConfigDict], workdir: st
   return results
 
 
+def parse_stages(names: Sequence[str]) -> tuple[str, ...]:
+  """The --stages list, checked: one or more of STAGES."""
+  names = tuple(name.strip() for name in names)
+  unknown = [name for name in names if name not in STAGES]
+  if unknown or not names:
+    given = f"unknown stage {', '.join(map(repr, unknown))}" if unknown else "no stage"
+    raise UserError(f"--stages={','.join(names)}: {given}; choose one or more of "
+                    f"{','.join(STAGES)}")
+  return names
+
+
 def run_demo(teacher_config: ml_collections.ConfigDict, workdir: str, *,
              student_width: int = 96, student_heads: int = 6, finetune_steps: int = 100,
              probe_steps: int = 100, stages: tuple[str, ...] = STAGES) -> dict[str, dict[str, float]]:
   """Runs the stages asked for and returns each one's last logged metrics and figure."""
-  unknown = set(stages) - set(STAGES)
-  if unknown:
-    raise app.UsageError(f"unknown stages {sorted(unknown)}; choose from {STAGES}")
+  stages = parse_stages(stages)
+  config_checks.check_workdir(workdir)
   cache = os.path.expanduser(teacher_config.data.data_dir or sources.DEFAULT_DEMO_DIR)
   logging.info("Demo data set in %s (built on first use)", cache)
   teacher_dir = os.path.join(workdir, "teacher")
@@ -202,6 +213,11 @@ def run_demo(teacher_config: ml_collections.ConfigDict, workdir: str, *,
   for stage in PRETRAINING[1:]:
     configs[stage] = student_config(teacher_config, teacher_dir, stage.split("_")[0],
                                     width=student_width, num_heads=student_heads)
+  for stage, config in configs.items():  # all of them before the first stage trains
+    try:
+      config_checks.check_config(config)
+    except ConfigError as error:
+      raise ConfigError(f"{stage}: {error}") from None
   results = {}
   for stage in PRETRAINING:
     if stage not in stages:
@@ -247,12 +263,13 @@ def print_summary(results: dict[str, dict], evaluation: dict[str, dict], workdir
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  cli.run_reporting_user_errors(lambda: run_demo(
-      _CONFIG.value, _WORKDIR.value, student_width=_STUDENT_WIDTH.value,
-      student_heads=_STUDENT_HEADS.value, finetune_steps=_FINETUNE_STEPS.value,
-      probe_steps=_PROBE_STEPS.value, stages=tuple(_STAGES.value)))
+  def run():
+    cli.check_no_arguments(argv)
+    run_demo(_CONFIG.value, _WORKDIR.value, student_width=_STUDENT_WIDTH.value,
+             student_heads=_STUDENT_HEADS.value, finetune_steps=_FINETUNE_STEPS.value,
+             probe_steps=_PROBE_STEPS.value, stages=tuple(_STAGES.value))
+
+  cli.run_reporting_user_errors(run)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ process `--coordinator_address=HOST:PORT --num_processes=N` and its own
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mim_jax import cli
+from mim_jax import cli, config_checks
 from mim_jax.errors import ConfigError
 from mim_jax.tasks.registry import build_task
 from mim_jax.trainer import distributed, loop
@@ -39,11 +39,13 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config, workdir = _CONFIG.value, _WORKDIR.value
 
   def run():
+    # Before anything is built, read or written: a mistake here leaves the workdir as it was.
+    cli.check_no_arguments(argv)
+    config_checks.check_config(config)
+    config_checks.check_workdir(workdir)
     device_ids = _LOCAL_DEVICE_IDS.value
     if device_ids:
       if not all(i.strip().isdigit() for i in device_ids):

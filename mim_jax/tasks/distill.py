@@ -9,6 +9,7 @@ the same jitted step; its params are a frozen input of that step.
 """
 
 import dataclasses
+import numbers
 from typing import Any
 
 import jax
@@ -38,11 +39,17 @@ class DistillSpec:
   @classmethod
   def from_config(cls, distill: ml_collections.ConfigDict) -> "DistillSpec":
     def pairs(name: str) -> LayerPairs:
-      value = tuple(tuple(int(layer) for layer in pair) for pair in distill[name])
-      if any(len(pair) != 2 for pair in value):
-        raise ConfigError(f"distill.{name}={distill[name]} must be (student, teacher) pairs, "
-                          f"e.g. ((12, 12),)")
-      return value
+      value = distill[name]
+      if not isinstance(value, (tuple, list)) or not all(
+          isinstance(pair, (tuple, list)) and len(pair) == 2 and
+          all(isinstance(layer, numbers.Integral) and not isinstance(layer, bool)
+              for layer in pair)
+          for pair in value):
+        # A single pair needs its trailing comma: ((12, 12)) is the flat (12, 12).
+        raise ConfigError(f"distill.{name}={value!r} must be a tuple of (student layer, "
+                          f"teacher layer) pairs of integers, e.g. '((12, 12),)' (one pair "
+                          f"needs the trailing comma)")
+      return tuple((int(pair[0]), int(pair[1])) for pair in value)
     return cls(pairs("attn_pairs"), pairs("hidden_pairs"), float(distill.attn_weight),
                float(distill.hidden_weight))
 

@@ -69,9 +69,10 @@ def validate_config(config: ml_collections.ConfigDict, depth: int, width: int) -
     raise ConfigError(f"mask_ratio={config.mask_ratio} keeps no patch at image_size="
                       f"{config.image_size}, patch_size={patch}")
   decoder = mae.decoder
-  for key in ("width", "depth", "num_heads"):
-    if not isinstance(decoder[key], int) or decoder[key] < 1:
-      raise ConfigError(f"mae.decoder.{key}={decoder[key]!r} must be a positive integer")
+  for key, low in (("width", 1), ("depth", 0), ("num_heads", 1)):
+    if not isinstance(decoder[key], int) or decoder[key] < low:
+      raise ConfigError(f"mae.decoder.{key}={decoder[key]!r} must be an integer >= {low}"
+                        + (" (0 = a linear decoder)" if key == "depth" else ""))
   if decoder.width % decoder.num_heads:
     raise ConfigError(f"mae.decoder.width={decoder.width} is not divisible by "
                       f"mae.decoder.num_heads={decoder.num_heads}")
