@@ -122,7 +122,7 @@ class ViT(registry.Backbone):
     return arch
 
   def build_from_arch(self, arch: dict[str, Any], **role: Any) -> vit.VisionTransformer:
-    kwargs = {k: arch[k] for k in ARCH_MODULE_KEYS}
+    kwargs = {k: arch.get(k, OPTION_DEFAULTS.get(k)) for k in ARCH_MODULE_KEYS}
     kwargs.update(role)
     return vit.VisionTransformer(**kwargs)
 
