@@ -440,14 +440,15 @@ def canonical_url():
 
 # github.com/OWNER/REPO and Colab's colab.research.google.com/github/OWNER/REPO.
 GITHUB_REPO = re.compile(
-    r"(?:github\.com|colab\.research\.google\.com/github)/([^/\s\"'()\]]+)/([^/\s\"'()\]#?]+)")
+    r"(?:github\.com|colab\.research\.google\.com/github)/([^/\s\"'()\]\\]+)/"
+    r"([^/\s\"'()\]#?\\`]+)")  # a backslash (JSON-escaped quotes) or backtick ends a name
 
 
 def project_urls(text):
   """(owner/repo) of every GitHub URL naming this project, or a placeholder for it."""
   found = []
   for owner, repo in GITHUB_REPO.findall(text):
-    name = repo.removesuffix(".git")
+    name = repo.rstrip(".,;:").removesuffix(".git")
     if re.fullmatch(r"mim[-_]jax", name, re.IGNORECASE) or "<" in owner + repo:
       found.append(f"{owner}/{name}")
   return found
