@@ -232,3 +232,23 @@ def test_pretrained_encoder_loads_with_fresh_tables_and_qv_biases():
   np.testing.assert_array_equal(fused["blocks_1"]["attn"]["qkv"]["bias"],
                                 np.concatenate([np.full(32, 0.5), np.zeros(64)]))
   assert not any("q_bias" in name for name in report.dropped)
+
+
+def test_converter_round_trips_an_rpe_model_through_torch_files(tmp_path):
+  """`python -m mim_jax.convert to_torch / from_torch` on an RPE model: the official layout
+  for a fused qkv bias (with its index buffers), and back to the same params."""
+  pytest.importorskip("safetensors.torch")
+  from mim_jax.convert import load_converted, save_converted, torch_io  # pylint: disable=g-import-not-at-top
+  config = rpe_config(qkv_bias="qkv")
+  params = perturbed_params(build_task(config))
+  path = str(tmp_path / "rpe.npz")
+  save_converted(path, {"encoder": params}, arch_from_config(config.to_dict(), source="t"))
+  summary = torch_io.export_to_torch(path, str(tmp_path / "rpe.safetensors"))
+  assert "models_vit_rpe.VisionTransformer(" in summary.timm_call
+  assert "qv_bias=False" in summary.timm_call and "strict=True" in summary.timm_call
+  back = str(tmp_path / "back.npz")
+  torch_io.convert_from_torch(str(tmp_path / "rpe.safetensors"), back)
+  restored = flatten_with_names(load_converted(back).params["encoder"])
+  assert set(restored) == set(flatten_with_names(params))
+  for name, value in flatten_with_names(params).items():
+    np.testing.assert_array_equal(restored[name], value, err_msg=name)

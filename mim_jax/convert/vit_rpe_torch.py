@@ -127,7 +127,8 @@ def index_buffers(arch: dict[str, Any]) -> dict[str, np.ndarray]:
   if arch["rel_pos_bias"] == "shared":
     return {f"rel_pos_bias.{INDEX}": index}
   if arch["rel_pos_bias"] == "per_block":
-    return {f"blocks.{i}.attn.{INDEX}": index for i in range(arch["depth"])}
+    # One array per block: safetensors refuses tensors that share memory.
+    return {f"blocks.{i}.attn.{INDEX}": index.copy() for i in range(arch["depth"])}
   return {}
 
 
