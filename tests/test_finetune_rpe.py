@@ -217,7 +217,7 @@ def test_pretrained_encoder_loads_with_fresh_tables_and_qv_biases():
   assert len(new_leaves) == 2 * 3
   for name in new_leaves:  # fresh, at the official init (zeros), and the log says so
     np.testing.assert_array_equal(got[name], 0.0)
-    assert any(line.startswith(f"{name} (new ") for line in report.fresh), name
+    assert any(line.startswith(f"{name} (new: ") for line in report.fresh), name
   assert "blocks_0/attn/qkv/bias" in report.dropped
   for name in got:
     if name in pre and not name.startswith(("head/", "fc_norm/")):

@@ -40,9 +40,9 @@ ALWAYS_FRESH = ("head/", "fc_norm/")
 # Leaf names (last path part) a fine-tuning architecture may add, fresh when the source
 # lacks them, and why.
 ADDED_LEAVES = {
-    "relative_position_bias_table": "new relative position bias, starts at 0",
-    "q_bias": "new q bias, starts at 0 (the source's qkv bias is not loaded, as MAE-Lite)",
-    "v_bias": "new v bias, starts at 0 (the source's qkv bias is not loaded, as MAE-Lite)",
+    "relative_position_bias_table": "new: relative position bias, starts at 0",
+    "q_bias": "new: q bias, starts at 0 as MAE-Lite's load leaves it",
+    "v_bias": "new: v bias, starts at 0 as MAE-Lite's load leaves it",
 }
 
 

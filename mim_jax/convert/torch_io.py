@@ -230,8 +230,9 @@ def _export_dropped(params: dict[str, Any], arch: dict[str, Any],
     dropped.append(f"D²-MAE attention-only block {depth + 1} (encoder/blocks_{depth}): "
                    f"not part of the encoder")
   if "distill" in params:
-    dropped.append(f"distillation mappings ({_count(params['distill']):,} scalars): "
-                   f"not part of the encoder")
+    dropped.append(f"'distill' ({_count(params['distill']):,} scalars: distillation mappings, "
+                   f"or a distillation head whose logits `head` alone replaces): not part of "
+                   f"the encoder")
   if "decoder" in params and not include_decoder:
     dropped.append("MAE decoder (export it with --include_decoder)")
   return dropped
