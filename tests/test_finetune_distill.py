@@ -18,7 +18,6 @@ from mim_jax.convert import load_converted, save_converted, torch_format
 from mim_jax.data import random_erasing
 from mim_jax.errors import ConfigError
 from mim_jax.models.vit import VisionTransformer
-from mim_jax.objectives import classification
 from mim_jax.tasks import finetune, finetune_distill
 from mim_jax.tasks.base import normalize_images
 from mim_jax.tasks.registry import build_task
