@@ -40,7 +40,8 @@ from ml_collections import config_dict
 from mim_jax import flops
 from mim_jax.errors import ConfigError
 from mim_jax.models import scan
-from mim_jax.models.layers import PARAM_DTYPE, LayerNorm, token_init, token_init_for, xavier_uniform
+from mim_jax.models.layers import (PARAM_DTYPE, LayerNorm, token_init, token_init_for,
+                                   xavier_uniform)
 from mim_jax.models.vit import PatchEmbed, VisionTransformer, dense, layer_norm
 from mim_jax.objectives import classification
 from mim_jax.tasks import classifier_teacher
