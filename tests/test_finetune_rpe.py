@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from mim_jax.convert import Converted, arch_from_config, content_hash, vit_rpe_torch
+from mim_jax.convert import (Converted, arch_from_config, content_hash, load_converted,
+                             save_converted, torch_io, vit_rpe_torch)
 from mim_jax.convert.pretrained import init_encoder_from
 from mim_jax.models import scan
 from mim_jax.tasks.base import normalize_images
@@ -238,7 +239,6 @@ def test_converter_round_trips_an_rpe_model_through_torch_files(tmp_path):
   """`python -m mim_jax.convert to_torch / from_torch` on an RPE model: the official layout
   for a fused qkv bias (with its index buffers), and back to the same params."""
   pytest.importorskip("safetensors.torch")
-  from mim_jax.convert import load_converted, save_converted, torch_io  # pylint: disable=g-import-not-at-top
   config = rpe_config(qkv_bias="qkv")
   params = perturbed_params(build_task(config))
   path = str(tmp_path / "rpe.npz")

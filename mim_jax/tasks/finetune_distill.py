@@ -124,8 +124,8 @@ class TokenDistilledViT(VisionTransformer):
   """
 
   @nn.compact
-  def __call__(self, images: jax.Array, *, dist_token: jax.Array,  # pylint: disable=arguments-differ
-               train: bool = False) -> dict[str, Any]:
+  def __call__(self, images: jax.Array, *,  # pylint: disable=arguments-differ
+               dist_token: jax.Array, train: bool = False) -> dict[str, Any]:
     self.check_options((), None)
     if self.pool != "cls" or self.rel_pos_bias != "none" or not self.num_classes:
       raise ValueError("the distillation token needs pool='cls', a head and no relative "
