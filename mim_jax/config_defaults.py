@@ -170,6 +170,12 @@ def finetune_config() -> ml_collections.ConfigDict:
   config.mixup = ml_collections.ConfigDict(dict(
       mixup_alpha=0.2, cutmix_alpha=0.0, prob=1.0, switch_prob=0.5, label_smoothing=0.0))
   config.ema_decay = config_dict.placeholder(float)  # EMA of the weights, evaluated too
+  # timm's RandomErasing (count 1) after normalisation, before mixup: the box drawn in the
+  # workers (`data.random_erasing.EraseBox`), filled on the device. MAE's recipe: 0.25, pixel.
+  config.random_erasing = ml_collections.ConfigDict(dict(
+      prob=0.0,  # chance an image has a box erased; 0 = off (Table S1)
+      mode="pixel",  # pixel: N(0, 1) per pixel | rand: one N(0, 1) colour | const: zeros
+  ))
 
   # dcn_data: slices the data axis spans on a multislice run (-1: all; the rest extend fsdp)
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, fsdp_min_size=2**14,
@@ -217,6 +223,32 @@ def finetune_demo_overrides(config: ml_collections.ConfigDict) -> ml_collections
   return config
 
 
+def rpe_overrides(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """MAE-Lite's `finetuning_rpe_exp.py` model on a fine-tuning recipe: `vit_tiny_patch16_rpe`
+  with a relative position bias table in every block (started at 0: pre-trained encoders
+  have none), q and v biases (no k bias; started at 0, as the official load drops the
+  pre-trained fused qkv bias) and the absolute position embedding kept."""
+  config.model.update(qkv_bias="qv", rel_pos_bias="per_block", abs_pos_embed=True)
+  return config
+
+
+def finetune_distillation_overrides(config: ml_collections.ConfigDict
+                                    ) -> ml_collections.ConfigDict:
+  """MAE-Lite's `finetuning_distill_exp.py` on a fine-tuning recipe: task 'finetune_distill'
+  (DeiT-style head, hard distillation from RegNetY-160, alpha 0.5, tau 1) with the recipe
+  of its base, `finetuning_mae_exp.py` (MAE's: RandAugment m9, mixup 0.8, cutmix 1.0,
+  label smoothing 0.1, random erasing 0.25, drop path 0.1)."""
+  from mim_jax.tasks import finetune_distill  # pylint: disable=g-import-not-at-top
+  config.task = "finetune_distill"
+  config.distill = finetune_distill.default_config()
+  config.model.drop_path_rate = 0.1
+  config.mixup.update(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1)
+  config.random_erasing.update(prob=0.25, mode="pixel")
+  config.data.randaug_magnitude = 9
+  config.data.color_jitter = 0.0  # the exp's 0.4 is dropped by timm under RandAugment
+  return config
+
+
 def linear_probe_config() -> ml_collections.ConfigDict:
   """Every key of a linear-probing config, with MAE's ViT recipe (`main_linprobe.py`).
 
@@ -225,7 +257,8 @@ def linear_probe_config() -> ml_collections.ConfigDict:
   """
   config = finetune_config()
   config.task = "linear_probe"
-  for key in ("init_keep_blocks", "mixup", "ema_decay"):  # nothing to mix, reserve or average
+  # nothing to mix, erase, reserve or average
+  for key in ("init_keep_blocks", "mixup", "random_erasing", "ema_decay"):
     del config[key]
   del config.model["drop_path_rate"]
   del config.model["remat"]  # the encoder is frozen: no backward pass to save memory in

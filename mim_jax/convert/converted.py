@@ -21,6 +21,9 @@ from mim_jax.errors import UserError
 from mim_jax.trainer.tree import flatten_with_names
 
 ARCH_KEY = "__arch__"
+# Tasks whose checkpoints hold a fine-tuned classifier (with `distill`: + a distillation
+# head, {'encoder', 'distill'}; the encoder alone is the classifier of its `head`).
+FINETUNE_TASKS = ("finetune", "finetune_distill")
 ARCH_DEFAULTS: dict[str, Any] = {
     "backbone": "vit",  # models.registry name; files written before it existed are ViTs
     "patch_size": 16,
@@ -192,7 +195,7 @@ def arch_from_config(config: dict[str, Any], source: str = "") -> dict[str, Any]
   from mim_jax.models import registry  # pylint: disable=g-import-not-at-top
   config = config_upgrade.upgrade(config)
   model = config["model"]
-  finetuned = config.get("task") == "finetune"
+  finetuned = config.get("task") in FINETUNE_TASKS
   decoder = (config.get("mae") or {}).get("decoder")
   arch = registry.get_backbone(model).arch(
       model, config["image_size"], posemb="learn" if finetuned else "sincos",
@@ -234,6 +237,10 @@ def _read_training_checkpoint(path: str) -> tuple[dict[str, Any], dict[str, Any]
                     f"{config.get('init') or 'a random init'!r}")
   if config.get("task") == "finetune":  # a fine-tuned classifier's params are the encoder's
     params = {"encoder": params}
+  if config.get("task") == "finetune_distill" and config["model"].get("pool") == "cls":
+    raise UserError(f"{step_dir!r} was fine-tuned with DeiT's distillation token (pool='cls'), "
+                    f"which its encoder needs and converted weights cannot describe; evaluate "
+                    f"it with its own config")
   if "encoder" not in params:
     raise UserError(f"the checkpoint in {step_dir!r} has no encoder params "
                     f"(top level: {sorted(params)})")

@@ -13,6 +13,12 @@ fine-tuning load, made strict):
   the source was pre-trained with, resized bicubically (PyTorch's kernel, as MAE's
   `interpolate_pos_embed`) when the patch grid differs;
 * blocks at and after `keep_blocks` stay fresh (the layer-reservation experiment);
+* leaves a fine-tuning architecture adds to the pre-trained encoder stay fresh when
+  the source lacks them, as MAE-Lite's non-strict load leaves them at their init:
+  relative position bias tables (zeros: `rel_pos_bias='per_block'` / 'shared',
+  MAE-Lite's RPE fine-tuning) and separate q / v biases (`qkv_bias='qv'`, zeros: the
+  source's fused qkv bias has another name and is dropped). A fused qkv bias is
+  built from a source's q / v biases as [q, 0, v], the same function;
 * the source's decoder, distillation mappings, D²-MAE extra block and a final
   `norm` the new (global-pool) model lacks are dropped;
 * anything else the new encoder has that the source lacks, or has with another
@@ -31,6 +37,13 @@ from mim_jax.models import posembed
 from mim_jax.trainer.tree import flatten_with_names
 
 ALWAYS_FRESH = ("head/", "fc_norm/")
+# Leaf names (last path part) a fine-tuning architecture may add, fresh when the source
+# lacks them, and why.
+ADDED_LEAVES = {
+    "relative_position_bias_table": "new: relative position bias, starts at 0",
+    "q_bias": "new: q bias, starts at 0 as MAE-Lite's load leaves it",
+    "v_bias": "new: v bias, starts at 0 as MAE-Lite's load leaves it",
+}
 
 
 @dataclasses.dataclass
@@ -123,6 +136,7 @@ def init_encoder_from(fresh: dict[str, Any], source: Converted, *,
     return int(name.split("/")[0].split("_")[1]) >= keep_blocks
 
   out, problems = {}, []
+  merged: set[str] = set()  # source leaves put into a leaf of another name
   for name, value in wanted.items():
     if name.startswith(ALWAYS_FRESH) and not (
         name.startswith("head/") and name in given and given[name].shape == value.shape):
@@ -142,6 +156,14 @@ def init_encoder_from(fresh: dict[str, Any], source: Converted, *,
       report.loaded.append(name)
       if table.shape != value.shape:
         report.resized.append(f"pos_embed {table.shape} -> {value.shape} (bicubic)")
+    elif name not in given and name.rsplit("/", 1)[-1] in ADDED_LEAVES:
+      out[name] = value
+      report.fresh.append(f"{name} ({ADDED_LEAVES[name.rsplit('/', 1)[-1]]})")
+    elif name not in given and name.endswith("/attn/qkv/bias") and _qv_biases(given, name):
+      q_bias, v_bias = _qv_biases(given, name)
+      out[name] = np.concatenate([q_bias, np.zeros_like(q_bias), v_bias]).astype(value.dtype)
+      merged.update(f"{name[:-len('qkv/bias')]}{part}" for part in ("q_bias", "v_bias"))
+      report.loaded.append(f"{name} (from the source's q_bias, v_bias: [q, 0, v])")
     elif name not in given:
       problems.append(f"{name}: missing from the source")
     elif tuple(given[name].shape) != tuple(value.shape):
@@ -149,7 +171,7 @@ def init_encoder_from(fresh: dict[str, Any], source: Converted, *,
     else:
       out[name] = np.asarray(given[name]).astype(value.dtype)
       report.loaded.append(name)
-  report.dropped += sorted(name for name in given if name not in wanted)
+  report.dropped += sorted(name for name in given if name not in wanted and name not in merged)
   if problems:
     shown = "; ".join(problems[:10]) + (f"; ... ({len(problems)} in all)"
                                         if len(problems) > 10 else "")
@@ -158,3 +180,12 @@ def init_encoder_from(fresh: dict[str, Any], source: Converted, *,
         f"{shown}); check model.variant/width/depth/num_heads/patch_size against the source "
         f"({arch['width']} wide, {arch['depth']} blocks, patch {arch['patch_size']})")
   return unflatten(out), report
+
+
+def _qv_biases(given: dict[str, Any], qkv_bias: str) -> tuple[np.ndarray, np.ndarray] | None:
+  """The source's q_bias and v_bias beside a wanted `.../attn/qkv/bias`, or None."""
+  attention = qkv_bias[:-len("qkv/bias")]
+  q_bias, v_bias = given.get(f"{attention}q_bias"), given.get(f"{attention}v_bias")
+  if q_bias is None or v_bias is None:
+    return None
+  return np.asarray(q_bias), np.asarray(v_bias)

@@ -19,7 +19,7 @@ import numpy as np
 from absl import logging
 
 from mim_jax import io
-from mim_jax.convert import converted, torch_format, torch_pickle
+from mim_jax.convert import converted, torch_format, torch_pickle, vit_rpe_torch
 from mim_jax.convert.torch_pickle import (  # noqa: F401  (UntrustedPickleError: API)
     SAFETENSORS_SUFFIX, TORCH_SUFFIXES, UntrustedPickleError)
 from mim_jax.errors import UserError
@@ -205,12 +205,17 @@ def convert_from_torch(in_path: str, out_path: str, *, num_heads: int | None = N
   if not os.fspath(out_path).endswith(".npz"):
     raise UserError(f"converted weights are written as .npz; got {os.fspath(out_path)!r}")
   state_dict, where = read_torch_checkpoint_with_source(in_path, trust_pickle=trust_pickle)
-  try:
-    result = torch_format.import_state_dict(state_dict, num_heads=num_heads,
-                                            decoder_num_heads=decoder_num_heads,
-                                            source=os.fspath(in_path))
-  except torch_format.NotAViTError as error:
-    raise torch_format.NotAViTError(f"{error} (weights taken from {where})") from None
+  if vit_rpe_torch.is_rpe_state_dict(state_dict):  # BEiT-style: MAE-Lite's RPE model, Beit
+    params, arch, dropped = vit_rpe_torch.import_state_dict(state_dict, num_heads=num_heads,
+                                                            source=os.fspath(in_path))
+    result = torch_format.ImportResult(params=params, arch=arch, dropped=dropped)
+  else:
+    try:
+      result = torch_format.import_state_dict(state_dict, num_heads=num_heads,
+                                              decoder_num_heads=decoder_num_heads,
+                                              source=os.fspath(in_path))
+    except torch_format.NotAViTError as error:
+      raise torch_format.NotAViTError(f"{error} (weights taken from {where})") from None
   sha256 = converted.save_converted(out_path, result.params, result.arch)
   return Summary(direction="from_torch", in_path=os.fspath(in_path), out_path=os.fspath(out_path),
                  arch=result.arch, num_params=_count(result.params), dropped=result.dropped,
@@ -225,8 +230,9 @@ def _export_dropped(params: dict[str, Any], arch: dict[str, Any],
     dropped.append(f"D²-MAE attention-only block {depth + 1} (encoder/blocks_{depth}): "
                    f"not part of the encoder")
   if "distill" in params:
-    dropped.append(f"distillation mappings ({_count(params['distill']):,} scalars): "
-                   f"not part of the encoder")
+    dropped.append(f"'distill' ({_count(params['distill']):,} scalars: distillation mappings, "
+                   f"or a distillation head whose logits `head` alone replaces): not part of "
+                   f"the encoder")
   if "decoder" in params and not include_decoder:
     dropped.append("MAE decoder (export it with --include_decoder)")
   return dropped
@@ -254,15 +260,23 @@ def export_to_torch(in_path: str, out_path: str, include_decoder: bool = False) 
   _check_output_suffix(out_path)
   source = converted.load_converted(in_path)
   arch = source.arch
-  state_dict = torch_format.state_dict_from_params(source.params, arch,
-                                                   include_decoder=include_decoder)
+  if vit_rpe_torch.handles(arch):  # relative position bias, q/v biases, layer scale
+    if include_decoder:
+      raise UserError("--include_decoder exports MAE decoders of plain ViTs only")
+    state_dict, _ = vit_rpe_torch.state_dict_from_params(source.params, arch)
+  else:
+    state_dict = torch_format.state_dict_from_params(source.params, arch,
+                                                     include_decoder=include_decoder)
   bad = converted.describe_nonfinite(state_dict)
   if bad:
     raise UserError(f"refusing to export {os.fspath(in_path)!r}: {bad}; nothing was written "
                     f"(export a checkpoint from before the values went non-finite)")
   _write(os.fspath(out_path), state_dict)
-  timm_call = torch_format.timm_create_call(arch,
-                                            fc_norm=torch_format.has_fc_norm(source.params))
+  if vit_rpe_torch.handles(arch):
+    timm_call = vit_rpe_torch.create_call(arch)
+  else:
+    timm_call = torch_format.timm_create_call(arch,
+                                              fc_norm=torch_format.has_fc_norm(source.params))
   return Summary(direction="to_torch", in_path=os.fspath(in_path), out_path=os.fspath(out_path),
                  arch=arch, num_params=_count(state_dict),
                  dropped=_export_dropped(source.params, arch, include_decoder),

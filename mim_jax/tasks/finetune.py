@@ -2,10 +2,14 @@
 
 The model is the encoder with a learned position embedding (started from the
 sin-cos table of pre-training), global average pooling + `fc_norm` (or the cls
-token) and a linear head; stochastic depth, mixup / cutmix with label smoothing
-on device; the weights come from `config.init` (a mim_jax pre-training workdir,
-a converted PyTorch checkpoint) or from scratch; an optional EMA of the weights
-is the task's extra state.
+token) and a linear head; stochastic depth, random erasing (the box from the
+workers, the fill on device), mixup / cutmix with label smoothing on device; the
+weights come from `config.init` (a mim_jax pre-training workdir, a converted
+PyTorch checkpoint) or from scratch; an optional EMA of the weights is the
+task's extra state. The ViT options of `config.model` apply as they are: MAE-Lite's
+RPE fine-tuning is `qkv_bias='qv'`, `rel_pos_bias='per_block'` with the absolute
+position embedding kept (`config_defaults.rpe_overrides`); tables that the
+pre-trained weights lack start at zero (`convert.pretrained`).
 """
 
 from typing import Any
@@ -15,6 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from mim_jax.convert import converted, pretrained
+from mim_jax.data import random_erasing
 from mim_jax.data.spec import DataSpec
 from mim_jax.errors import ConfigError
 from mim_jax.models import registry, scan
@@ -42,6 +47,47 @@ def mixup_config(config: ml_collections.ConfigDict) -> classification.MixupConfi
       label_smoothing=mix.label_smoothing)
 
 
+def erase_box_field(config: ml_collections.ConfigDict) -> random_erasing.EraseBox | None:
+  """The worker field of `config.random_erasing` (None when off or the config predates it)."""
+  erasing = config.get("random_erasing")
+  if erasing is None or not erasing.prob:
+    return None
+  return random_erasing.EraseBox(config.image_size, probability=float(erasing.prob))
+
+
+def validate_random_erasing(config: ml_collections.ConfigDict) -> None:
+  erasing = config.get("random_erasing")
+  if erasing is None:
+    return
+  prob = erasing.prob
+  if isinstance(prob, bool) or not isinstance(prob, (int, float)) or not 0.0 <= prob <= 1.0:
+    raise ConfigError(f"random_erasing.prob={prob!r} must be in [0, 1] (MAE's recipe: 0.25; "
+                      f"0 = off)")
+  if erasing.mode not in random_erasing.MODES:
+    raise ConfigError(f"random_erasing.mode={erasing.mode!r} is unknown; choose from "
+                      f"{random_erasing.MODES}")
+
+
+def training_inputs(config: ml_collections.ConfigDict, mixup: classification.MixupConfig,
+                    batch: dict[str, jax.Array], rng: jax.Array
+                    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(images, soft targets, stochastic-depth key) of a training batch, in MAE-Lite's order:
+  normalise, erase (timm's loader erases normalised tensors), then mixup / cutmix (in the
+  model wrapper, on the erased batch)."""
+  mix_rng, drop_rng = jax.random.split(rng)
+  images = normalize_images(batch["image"])
+  if erase_box_field(config) is not None:
+    if "erase_box" not in batch:
+      raise ConfigError(
+          f"random_erasing.prob={config.random_erasing.prob} needs the worker field "
+          f"'erase_box' in the batch, which this input pipeline does not deliver; set "
+          f"--config.random_erasing.prob=0")
+    images = random_erasing.erase(images, batch["erase_box"], jax.random.fold_in(rng, 2),
+                                  config.random_erasing.mode)
+  images, targets, _ = classification.mixup_cutmix(mix_rng, images, batch["label"], mixup)
+  return images, targets, drop_rng
+
+
 def validate_classifier(config: ml_collections.ConfigDict) -> None:
   """The checks every classification task (fine-tuning, linear probe) shares."""
   model = config.model
@@ -66,6 +112,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       raise ConfigError(f"init_keep_blocks={keep} is outside 0..{depth}")
   if config.ema_decay is not None and not 0.0 < config.ema_decay < 1.0:
     raise ConfigError(f"ema_decay={config.ema_decay} must be in (0, 1) or None")
+  validate_random_erasing(config)
 
 
 class FinetuneTask(Task):
@@ -81,20 +128,38 @@ class FinetuneTask(Task):
     super().__init__(config)
     validate_config(config)
     self.backbone = registry.get_backbone(config.model)
-    self.model = build_classifier_encoder(config, num_classes=config.num_classes,
-                                          drop_path_rate=config.model.drop_path_rate,
-                                          remat=config.model.get("remat", "none"))
+    self.encoder = build_classifier_encoder(config, num_classes=config.num_classes,
+                                            drop_path_rate=config.model.drop_path_rate,
+                                            remat=config.model.get("remat", "none"))
+    self.model = self.build_model()
     self.num_patches = (config.image_size // config.model.patch_size)**2
     self.mixup = mixup_config(config)
     # Read (and check) the weights now: a wrong path fails before anything is built.
     self.source = converted.load_converted(config.init) if config.init else None
     if self.source is not None:  # shapes only: raises on leaves that do not fit
-      pretrained.init_encoder_from(jax.eval_shape(self.init_params, jax.random.PRNGKey(0)),
-                                   self.source, keep_blocks=config.init_keep_blocks)
+      fresh = jax.eval_shape(self.init_params, jax.random.PRNGKey(0))
+      pretrained.init_encoder_from(self.encoder_params(fresh), self.source,
+                                   keep_blocks=config.init_keep_blocks)
+
+  def build_model(self) -> Any:
+    """The module trained (params = `init_params`); here the classifier encoder itself."""
+    return self.encoder
+
+  def encoder_params(self, params: Any) -> Any:
+    """The encoder's part of the task's params (all of them here)."""
+    return params
+
+  def with_encoder_params(self, params: Any, encoder: Any) -> Any:
+    """`params` with the encoder's part replaced."""
+    del params
+    return encoder
 
   @property
   def data_spec(self) -> DataSpec:
-    return DataSpec.single_view(self.config.image_size, labels=True, augment=True)
+    """One augmented labelled view, and the random-erasing box when erasing is on."""
+    field = erase_box_field(self.config)
+    return DataSpec.single_view(self.config.image_size, labels=True, augment=True,
+                                worker_fields=() if field is None else (field,))
 
   def init_params(self, rng: jax.Array) -> Any:
     """Per-block layout (`blocks_{i}`), scanned model or not."""
@@ -105,10 +170,10 @@ class FinetuneTask(Task):
     """The fresh params with the pre-trained weights put in (host arrays); logs the report."""
     if self.source is None:
       return params
-    params, report = pretrained.init_encoder_from(params, self.source,
-                                                  keep_blocks=self.config.init_keep_blocks)
+    encoder, report = pretrained.init_encoder_from(self.encoder_params(params), self.source,
+                                                   keep_blocks=self.config.init_keep_blocks)
     report.log()
-    return params
+    return self.with_encoder_params(params, encoder)
 
   def weight_decay_mask(self, params: Any) -> Any:
     """MAE's fine-tuning rule: no weight decay on 1-D params and tokens."""
@@ -138,16 +203,14 @@ class FinetuneTask(Task):
   def train_flops_per_image(self) -> float:
     forward = self.backbone.forward_flops(
         self.backbone.arch(self.config.model, self.config.image_size), self.num_patches)
-    return 3 * (forward + 2 * self.model.width * self.config.num_classes)
+    return 3 * (forward + 2 * self.encoder.width * self.config.num_classes)
 
   def loss_fn(self, params: Any, extra: dict[str, Any], frozen: dict[str, Any],
               batch: dict[str, jax.Array], rng: jax.Array) -> tuple[jax.Array, LossAux]:
-    """Mixup / cutmix, forward with stochastic depth, soft-target cross entropy."""
+    """Random erasing, mixup / cutmix, forward with stochastic depth, soft-target cross
+    entropy."""
     del extra, frozen
-    mix_rng, drop_rng = jax.random.split(rng)
-    images = normalize_images(batch["image"])
-    images, targets, _ = classification.mixup_cutmix(mix_rng, images, batch["label"],
-                                                     self.mixup)
+    images, targets, drop_rng = training_inputs(self.config, self.mixup, batch, rng)
     out = self.model.apply({"params": scan.apply_layout(params, self.model)}, images, train=True,
                            rngs={"dropout": drop_rng})
     loss = classification.soft_cross_entropy(out["logits"], targets)

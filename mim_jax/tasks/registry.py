@@ -5,6 +5,7 @@ import ml_collections
 from mim_jax.errors import ConfigError
 from mim_jax.tasks.base import Task
 from mim_jax.tasks.finetune import FinetuneTask
+from mim_jax.tasks.finetune_distill import FinetuneDistillTask
 from mim_jax.tasks.linear_probe import LinearProbeTask
 from mim_jax.tasks.mae import MaeTask
 from mim_jax.tasks.maskfeat import MaskFeatTask
@@ -17,6 +18,7 @@ TASKS: dict[str, type[Task]] = {
     "simmim": SimMIMTask,
     "maskfeat": MaskFeatTask,
     "finetune": FinetuneTask,
+    "finetune_distill": FinetuneDistillTask,  # + DeiT-style head from a frozen classifier
     "linear_probe": LinearProbeTask,
 }
 
