@@ -64,9 +64,8 @@ flags.mark_flags_as_required(["config"])
 
 def bench_task(config):
   """The task; distillation without a teacher file times a random teacher (same speed)."""
-  if config.task in ("dmae", "d2mae") and not config.distill.teacher:
-    print(f"distill.teacher unset: timing with a randomly initialised "
-          f"ViT-{config.distill.teacher_variant} teacher")
+  if config.task in ("dmae", "d2mae", "finetune_distill") and not config.distill.teacher:
+    print("distill.teacher unset: timing with a randomly initialised teacher")
     return build_task(config, random_teacher=True)
   return build_task(config)
 
