@@ -24,7 +24,10 @@ def quiet_library_logs() -> None:
 
 
 def run_reporting_user_errors(main: Callable[[], object]) -> None:
-  """Runs `main`; a user mistake exits with status 2 and one line on stderr, no trace."""
+  """Runs `main`; a user mistake exits with status 2 and one line on stderr, no trace.
+
+  Ctrl-C exits with status 130 and one line (the trainer's says what it saved).
+  """
   quiet_library_logs()
   try:
     main()
@@ -32,6 +35,10 @@ def run_reporting_user_errors(main: Callable[[], object]) -> None:
     logging.flush()
     print(f"error: {error}", file=sys.stderr)
     sys.exit(2)
+  except KeyboardInterrupt as interrupt:
+    logging.flush()
+    print(str(interrupt) or "interrupted (Ctrl-C)", file=sys.stderr)
+    sys.exit(130)
 
 
 def parse_flags(argv: list[str]) -> list[str]:
