@@ -122,9 +122,9 @@ class Checkpointer:
         raise
       raise CheckpointMismatchError(
           f"the checkpoint at step {step} in {self.directory} was written by another input "
-          f"pipeline ({_first_line(error)}: the seed, data source, split or data.worker_count "
-          f"changed); resume with the original settings or use another --workdir (the "
-          f"checkpoint was left untouched)") from None
+          f"pipeline (grain: {_first_line(error).rstrip('.')}; the seed, data source, split "
+          f"or data.worker_count changed); resume with the original settings or use another "
+          f"--workdir (the checkpoint was left untouched)") from None
     return restored[layout.STATE], restored[layout.META]
 
   def restore_latest(self, frozen_meta: dict[str, Any],
