@@ -272,6 +272,10 @@ def _check_client(path: str) -> None:
     problem = _gcs_credentials_problem()
     if problem:
       raise StorageError(f"cannot access {path!r}: {problem}")
+    import fsspec  # pylint: disable=import-outside-toplevel
+    # Other writers (the other hosts, orbax's tensorstore, a trainer this process polls)
+    # change the bucket behind gcsfs's back: no listing cache, every listing is current.
+    fsspec.config.conf.setdefault("gcs", {}).setdefault("use_listings_cache", False)
 
 
 @functools.lru_cache(maxsize=1)

@@ -29,7 +29,7 @@ STEPS = 4
 
 @pytest.fixture(scope="module", name="demo_dir")
 def demo_dir_fixture(tmp_path_factory):
-  return "/tmp/h8/demo"  # TEMP
+  return str(tmp_path_factory.mktemp("demo_tfds"))
 
 
 def config_for(demo_dir, **overrides):

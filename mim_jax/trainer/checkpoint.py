@@ -42,9 +42,9 @@ class Checkpointer:
     self.workdir = io.absolute(workdir)  # orbax needs absolute paths
     self.directory = layout.checkpoints_dir(self.workdir)
     self._keep, self._async = keep, async_save
-    self.manager = self._open()
+    self.manager = self._new_manager()
 
-  def _open(self) -> ocp.CheckpointManager:
+  def _new_manager(self) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(
         max_to_keep=self._keep, create=True, cleanup_tmp_directories=True,
         enable_async_checkpointing=self._async)
@@ -160,7 +160,7 @@ class Checkpointer:
                     "and resuming from the one before", step, self.directory,
                     _first_line(_root_cause(error)), target)
     self.manager.close()
-    self.manager = self._open()
+    self.manager = self._new_manager()
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

@@ -76,9 +76,9 @@ class EventFile:
     self.directory = directory
     self.start_step = start_step
     self._file = None
-    self._open(session_start=True)
+    self._start_file(session_start=True)
 
-  def _open(self, session_start: bool) -> None:
+  def _start_file(self, session_start: bool) -> None:
     from tensorboardX.proto import event_pb2  # pylint: disable=import-outside-toplevel
     if self._file is not None:
       self._file.close()
@@ -94,7 +94,7 @@ class EventFile:
   def write_scalars(self, step: int, scalars: dict[str, float]) -> None:
     from tensorboardX.proto import event_pb2, summary_pb2  # pylint: disable=import-outside-toplevel
     if io.is_remote(self.directory) and self._file.size > MAX_REWRITTEN_EVENT_FILE_BYTES:
-      self._open(session_start=False)
+      self._start_file(session_start=False)
     values = [summary_pb2.Summary.Value(tag=name, simple_value=float(value))
               for name, value in scalars.items() if name != "step"]
     event = event_pb2.Event(wall_time=time.time(), step=step,
