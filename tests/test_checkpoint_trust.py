@@ -292,6 +292,7 @@ def cli_flags(demo_dir, **overrides):
 
 @pytest.mark.slow
 def test_ctrl_c_saves_exits_130_in_one_line_and_a_second_exits_at_once(tmp_path, demo_dir):
+  """Also: the rerun resumes, and a resumed run that fails ends with its error line."""
   workdir = str(tmp_path / "run")
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
   proc = subprocess.Popen(
@@ -313,6 +314,22 @@ def test_ctrl_c_saves_exits_130_in_one_line_and_a_second_exits_at_once(tmp_path,
       f"interrupted (Ctrl-C): saved step {saved[0]} in {workdir}/checkpoints; rerun the same "
       f"command to resume") == 1
   assert not os.path.exists(os.path.join(workdir, "lock"))
+
+  # The rerun resumes there; when it then fails (here: it diverges), the error is its last
+  # line: the input pipeline's worker is stopped before exit, not torn down after it.
+  result = subprocess.run(
+      [sys.executable, "-m", "mim_jax.train", f"--config={REPO}/configs/mae_vit_tiny.py:demo",
+       f"--workdir={workdir}"] + cli_flags(demo_dir, warmup_steps=0,
+                                           **{"optimizer.base_lr": 1e40}),
+      env=env, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 2, result.stderr[-3000:]
+  assert "Traceback" not in result.stderr and "handle is closed" not in result.stderr
+  errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+  assert errors == [f"error: the update made the parameters or optimizer state non-finite "
+                    f"(loss {errors[0].split('(loss ')[1].split(')')[0]}) at step "
+                    f"{saved[0] + 1}; stopped without saving (the last good checkpoint is step "
+                    f"{saved[0]} in {workdir}/checkpoints); lower optimizer.base_lr or check "
+                    f"the data"]
 
   # A second Ctrl-C while the first is being handled ends the process at once.
   script = ("import os, signal, time\n"
