@@ -225,25 +225,21 @@ class AppendableFile:
     self.path = os.fspath(path)
     self._content = bytearray(initial) if is_remote(path) else None
     self._handle = None
+    self.size = len(initial)  # bytes in the file
     write_bytes(path, initial)
     if not is_remote(path):
       with _reported(path, "open"):
         self._handle = to_path(path).open("ab")
 
   def append(self, data: bytes) -> None:
-    with _reported(self.path, "write"):
-      if self._handle is not None:
+    self.size += len(data)
+    if self._handle is not None:
+      with _reported(self.path, "write"):
         self._handle.write(data)
         self._handle.flush()
-        return
+      return
     self._content.extend(data)
     write_bytes(self.path, bytes(self._content))
-
-  @property
-  def size(self) -> int:
-    if self._content is not None:
-      return len(self._content)
-    return self._handle.tell()
 
   def close(self) -> None:
     if self._handle is not None:

@@ -20,6 +20,7 @@ the converter, the analyses, the demo) goes through `latest_readable`,
 from __future__ import annotations
 
 import json
+import sys
 from typing import Any, Callable, TypeVar
 
 from absl import logging
@@ -154,6 +155,7 @@ def read_params(step_dir: str) -> dict[str, Any]:
   """The trained params of one step as numpy arrays (the rest of the state is not read)."""
   import numpy as np  # pylint: disable=import-outside-toplevel
   import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  quiet_late_read_callbacks()
   state_dir = io.to_path(io.join(step_dir, STATE))
   try:
     metadata = ocp.PyTreeCheckpointHandler().metadata(state_dir).tree
@@ -173,6 +175,28 @@ def read_params(step_dir: str) -> dict[str, Any]:
     raise UnreadableCheckpoint(f"its params do not restore ({_first_line(_root(error))})"
                                ) from None
   return restored["params"]
+
+
+def quiet_late_read_callbacks() -> None:
+  """Silences the one harmless traceback a failed orbax restore leaves behind.
+
+  When one array of a damaged checkpoint fails, orbax closes its event loop while
+  tensorstore still completes the other reads; their completion callbacks then
+  find the loop closed and Python prints "Exception ignored ... Event loop is
+  closed" tracebacks after our one-line warning. Only that exact case is dropped
+  (installed once per process); every other unraisable exception is reported.
+  """
+  if getattr(sys.unraisablehook, "_mim_jax_quiet", False):
+    return
+  previous = sys.unraisablehook
+
+  def hook(unraisable: Any) -> None:
+    error = unraisable.exc_value
+    if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+      previous(unraisable)
+
+  hook._mim_jax_quiet = True  # pylint: disable=protected-access
+  sys.unraisablehook = hook
 
 
 def read_run_config(path: str) -> dict[str, Any] | None:

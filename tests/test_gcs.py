@@ -200,7 +200,7 @@ def kill_after_a_checkpoint(gcs, workdir, demo_dir, cwd, home, log):
 
 @pytest.mark.slow
 def test_every_path_on_gs(gcs, demo_dir, empty_cwd_and_home, tmp_path):
-  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=import-outside-toplevel
+  event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
   mae = f"gs://{BUCKET}/runs/mae"
 
   # 1. Train MAE on the bucket, kill -9 it, rerun: it resumes from the bucket and repeats
@@ -293,6 +293,24 @@ def check_torch_round_trip_in_the_bucket(run):
     assert np.isfinite(leaf).all()
   np.testing.assert_array_equal(back["patch_embed"]["bias"],
                                 params["encoder"]["patch_embed"]["bias"])
+
+
+def test_io_on_the_bucket(gcs):
+  root = f"gs://{BUCKET}/io"
+  assert io.create_new(f"{root}/lock", b"first") and not io.create_new(f"{root}/lock", b"2nd")
+  assert io.read_bytes(f"{root}/lock") == b"first"
+  log = io.AppendableFile(f"{root}/log/metrics.jsonl", b"a\n")
+  log.append(b"b\n")
+  log.append(b"c\n")
+  assert io.read_text(f"{root}/log/metrics.jsonl") == "a\nb\nc\n" and log.size == 6
+  for name in ("x", "sub/y"):
+    io.write_text(f"{root}/tree/{name}", name)
+  io.move(f"{root}/tree", f"{root}/moved/tree")
+  assert objects(gcs, "io/moved") == ["tree/sub/y", "tree/x"]
+  assert not io.exists(f"{root}/tree") and io.read_text(f"{root}/moved/tree/sub/y") == "sub/y"
+  assert io.listdir(f"{root}/moved/tree") == ["sub", "x"]
+  io.remove(f"{root}/lock")
+  assert not io.exists(f"{root}/lock")
 
 
 DATA_PENDING = ("mim_jax/data/ still reads data_dir through os.path on this branch; the "

@@ -135,6 +135,7 @@ class Checkpointer:
     mismatch stops the run. A step that does not restore is moved aside by
     process 0 and named in a warning; None when no checkpoint is left.
     """
+    layout.quiet_late_read_callbacks()
     while (step := self.latest_step()) is not None:
       try:
         self.check_frozen(step, frozen_meta)
