@@ -195,7 +195,7 @@ def kill_after_a_checkpoint(gcs, workdir, demo_dir, cwd, home, log):
   proc.wait(timeout=60)
   with open(log) as output:
     assert proc.returncode == -signal.SIGKILL, f"the run ended before the kill: {output.read()}"
-  return committed[-1], logged
+  return layout.finalized_steps(layout.checkpoints_dir(workdir))[-1], logged
 
 
 @pytest.mark.slow
