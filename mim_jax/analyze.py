@@ -22,8 +22,8 @@ Writes to --out:
   reconstruct: reconstruction.png
 """
 
+import io as bytes_io
 import json
-import os
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 from absl import app, flags, logging
 
-from mim_jax import cli, config_checks
+from mim_jax import cli, config_checks, io
 from mim_jax.analysis import attention, cka, inputs, plots, reconstruction
 from mim_jax.errors import UserError
 
@@ -78,8 +78,13 @@ def _ints(values: Sequence[str] | None, flag: str) -> list[int] | None:
 
 
 def _write_json(path: str, content: dict[str, Any]) -> None:
-  with open(path, "w", encoding="utf-8") as f:
-    json.dump(content, f, indent=2)
+  io.write_text(path, json.dumps(content, indent=2))
+
+
+def _write_npy(path: str, array: np.ndarray) -> None:
+  buffer = bytes_io.BytesIO()
+  np.save(buffer, array)
+  io.write_bytes(path, buffer.getvalue())
 
 
 def _data_description(data: str, split: str, image_size: int) -> dict[str, Any]:
@@ -100,9 +105,9 @@ def run_cka(model_a: str, model_b: str, out: str, *, name_a: str | None = None,
   batches = inputs.batches(config, batch_size=batch_size, image_size=a.image_size,
                            num_batches=num_batches)
   result = cka.cka_between(a, b, batches, layers_a=layers_a, layers_b=layers_b)
-  os.makedirs(out, exist_ok=True)
-  np.save(os.path.join(out, "cka.npy"), result.matrix)
-  _write_json(os.path.join(out, "cka.json"), {
+  io.makedirs(out)
+  _write_npy(io.join(out, "cka.npy"), result.matrix)
+  _write_json(io.join(out, "cka.json"), {
       "model_a": {**a.describe(), "layers": list(result.layers_a)},
       "model_b": {**b.describe(), "layers": list(result.layers_b)},
       "cka": result.matrix.tolist(),  # rows: model A's layers, columns: model B's
@@ -110,7 +115,7 @@ def run_cka(model_a: str, model_b: str, out: str, *, name_a: str | None = None,
       "batch_size": batch_size, **_data_description(data, split, a.image_size),
   })
   plots.plot_cka(result.matrix, name_a=a.name, name_b=b.name, layers_a=result.layers_a,
-                 layers_b=result.layers_b, path=os.path.join(out, "cka.png"))
+                 layers_b=result.layers_b, path=io.join(out, "cka.png"))
   logging.info("CKA of %s vs %s over %d examples written to %s", a.name, b.name,
                result.num_examples, out)
   return result
@@ -162,7 +167,7 @@ def run_attention(models: Sequence[str], out: str, *, names: Sequence[str] = (),
   if len(map_images) <= map_image:
     raise UserError(f"--map_image={map_image} but split {split!r} has {len(map_images)} images")
   stats, figures = {}, []
-  os.makedirs(out, exist_ok=True)
+  io.makedirs(out)
   for model in loaded:
     batches = inputs.batches(config, batch_size=batch_size, image_size=size,
                              num_batches=num_batches)
@@ -174,16 +179,16 @@ def run_attention(models: Sequence[str], out: str, *, names: Sequence[str] = (),
               else f"attention_maps_{_file_name(model.name)}.png")
     plots.plot_attention_maps(map_images[map_image], maps[0], query_token=query,
                               patch_size=model.patch_size, layers=stats[model.name].layers,
-                              path=os.path.join(out, figure),
+                              path=io.join(out, figure),
                               title=f"{model.name}: attention of patch {query}")
     figures.append(figure)
   for kind, label in (("distance", "attention distance (px)"), ("entropy", "attention entropy")):
     values = {name: getattr(s, kind) for name, s in stats.items()}
-    np.save(os.path.join(out, f"attention_{kind}.npy"), _padded(list(values.values())))
+    _write_npy(io.join(out, f"attention_{kind}.npy"), _padded(list(values.values())))
     plots.plot_attention_boxes(values, ylabel=label,
                                layers={name: s.layers for name, s in stats.items()},
-                               path=os.path.join(out, f"attention_{kind}.png"))
-  _write_json(os.path.join(out, "attention.json"), {
+                               path=io.join(out, f"attention_{kind}.png"))
+  _write_json(io.join(out, "attention.json"), {
       "models": [{**model.describe(), "layers": list(stats[model.name].layers),
                   "num_images": stats[model.name].num_images,
                   "distance_px": stats[model.name].distance.tolist(),
@@ -209,7 +214,7 @@ def run_reconstruct(model: str, out: str, *, name: str | None = None, num_images
                               image_size=autoencoder.image_size)
   images = inputs.first_images(config, num_images, autoencoder.image_size)
   views = reconstruction.reconstruct(autoencoder, images, mask_ratio=mask_ratio, seed=seed)
-  path = os.path.join(out, "reconstruction.png")
+  path = io.join(out, "reconstruction.png")
   plots.plot_reconstructions(views, path=path,
                              title=f"{autoencoder.name}, mask ratio {mask_ratio}")
   logging.info("Reconstructions of %d images written to %s", len(images), path)

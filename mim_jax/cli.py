@@ -47,12 +47,19 @@ def exit_with_error(message: str) -> NoReturn:
 
 
 def run_reporting_user_errors(main: Callable[[], object]) -> None:
-  """Runs `main`; a user mistake exits with status 2 and one line on stderr, no trace."""
+  """Runs `main`; a user mistake exits with status 2 and one line on stderr, no trace.
+
+  Ctrl-C exits with status 130 and one line (the trainer's says what it saved).
+  """
   quiet_library_logs()
   try:
     main()
   except USER_ERRORS as error:
     exit_with_error(str(error))
+  except KeyboardInterrupt as interrupt:
+    logging.flush()
+    print(str(interrupt) or "interrupted (Ctrl-C)", file=sys.stderr)
+    sys.exit(130)
 
 
 def check_no_arguments(argv: Sequence[str]) -> None:

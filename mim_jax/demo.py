@@ -27,7 +27,6 @@ logging keys carry over to the students, whose size has its own flags.
 """
 
 import importlib.util
-import json
 import os
 from collections.abc import Sequence
 
@@ -36,7 +35,8 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mim_jax import cli, config_checks, config_defaults
+from mim_jax import cli, config_checks, config_defaults, io
+from mim_jax import workdir as layout
 from mim_jax.convert import converted
 from mim_jax.data import sources
 from mim_jax.analysis import quick_probe
@@ -109,19 +109,11 @@ def method_demo_config(method: str) -> ml_collections.ConfigDict:
 
 def last_metrics(workdir: str) -> dict[str, float]:
   """The last record of the run's metrics.jsonl (also for a stage finished earlier)."""
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
-    return {}
-  with open(path, encoding="utf-8") as f:
-    lines = [line for line in f if line.strip()]
-  return json.loads(lines[-1]) if lines else {}
+  return layout.last_metrics(workdir)
 
 
 def last_reconstruction(workdir: str) -> str | None:
-  figure_dir = os.path.join(workdir, "reconstructions")
-  if not os.path.isdir(figure_dir) or not os.listdir(figure_dir):
-    return None
-  return os.path.join(figure_dir, sorted(os.listdir(figure_dir))[-1])
+  return layout.latest_figure(workdir)
 
 
 def digits_config(recipe: ml_collections.ConfigDict, student: ml_collections.ConfigDict,
@@ -171,7 +163,7 @@ def evaluate_students(configs: dict[str, ml_collections.ConfigDict], workdir: st
   data_dir = configs["teacher"].data.data_dir
   results = {}
   for name in EVALUATED:
-    source = scratch if name == "scratch" else os.path.join(workdir, name)
+    source = scratch if name == "scratch" else io.join(workdir, name)
     init = "" if name == "scratch" else source
     student = configs["mae_student" if name == "scratch" else name]
     ft = finetune_config(student, data_dir, init, finetune_steps)
@@ -180,9 +172,9 @@ def evaluate_students(configs: dict[str, ml_collections.ConfigDict], workdir: st
     lp = linear_probe_config(student, data_dir, init, probe_steps)
     if name == "maskfeat_student":
       lp.model.pool = "gap"  # MaskFeat's encoder has no final norm to read the cls token with
-    lp_dir = os.path.join(workdir, f"linear_probe_{name}")
+    lp_dir = io.join(workdir, f"linear_probe_{name}")
     loop.train(lp, lp_dir, build_task(lp))
-    ft_dir = os.path.join(workdir, f"finetune_{name}")
+    ft_dir = io.join(workdir, f"finetune_{name}")
     loop.train(ft, ft_dir, build_task(ft))
     results[name] = {**probes, "linear_top1": last_metrics(lp_dir).get("val_top1"),
                      "finetune_top1": last_metrics(ft_dir).get("val_top1")}
@@ -206,9 +198,9 @@ def run_demo(teacher_config: ml_collections.ConfigDict, workdir: str, *,
   """Runs the stages asked for and returns each one's last logged metrics and figure."""
   stages = parse_stages(stages)
   config_checks.check_workdir(workdir)
-  cache = os.path.expanduser(teacher_config.data.data_dir or sources.DEFAULT_DEMO_DIR)
+  cache = io.absolute(teacher_config.data.data_dir or sources.DEFAULT_DEMO_DIR)
   logging.info("Demo data set in %s (built on first use)", cache)
-  teacher_dir = os.path.join(workdir, "teacher")
+  teacher_dir = io.join(workdir, "teacher")
   configs = {"teacher": teacher_config}
   for stage in PRETRAINING[1:]:
     configs[stage] = student_config(teacher_config, teacher_dir, stage.split("_")[0],
@@ -223,8 +215,8 @@ def run_demo(teacher_config: ml_collections.ConfigDict, workdir: str, *,
     if stage not in stages:
       continue
     logging.info("=== Demo stage %s (%s) in %s", stage, configs[stage].task,
-                 os.path.join(workdir, stage))
-    stage_dir = os.path.join(workdir, stage)
+                 io.join(workdir, stage))
+    stage_dir = io.join(workdir, stage)
     loop.train(configs[stage], stage_dir, build_task(configs[stage]))
     results[stage] = {**last_metrics(stage_dir),
                       "reconstruction": last_reconstruction(stage_dir)}

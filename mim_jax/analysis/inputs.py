@@ -10,8 +10,6 @@ on the rows that pad the last batch, and every analysis leaves those rows out.
 """
 
 import dataclasses
-import json
-import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -20,7 +18,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from mim_jax import config_upgrade
+from mim_jax import config_upgrade, io, workdir
 from mim_jax.convert import converted
 from mim_jax.data import pipeline
 from mim_jax.data.sources import default_data_config
@@ -83,7 +81,7 @@ class LoadedAutoencoder:
 
 
 def default_name(path: str) -> str:
-  base = os.path.basename(os.path.normpath(os.fspath(path)))
+  base = io.name(path)
   return base[:-len(".npz")] if base.endswith(".npz") else base
 
 
@@ -116,23 +114,6 @@ def load_model(path: str | converted.Converted, image_size: int | None = None,
                      params=params, image_size=size, sha256=source.sha256)
 
 
-def _training_config(path: str) -> dict[str, Any] | None:
-  """The config a mim_jax run was trained with (its latest checkpoint); None for a file."""
-  if not os.path.isdir(path):
-    return None
-  meta = os.path.join(path, "meta", "metadata")  # a checkpoint step directory
-  if not os.path.exists(meta):
-    checkpoints = os.path.join(path, "checkpoints")
-    checkpoints = checkpoints if os.path.isdir(checkpoints) else path
-    steps = [int(s) for s in os.listdir(checkpoints)
-             if s.isdigit() and os.path.exists(os.path.join(checkpoints, s, "meta", "metadata"))]
-    if not steps:
-      return None
-    meta = os.path.join(checkpoints, str(max(steps)), "meta", "metadata")
-  with open(meta, encoding="utf-8") as f:
-    return config_upgrade.upgrade(json.loads(json.load(f)["config"]))
-
-
 def load_autoencoder(path: str, image_size: int | None = None, *,
                      decoder_layer: int | None = None, norm_pix_loss: bool | None = None,
                      name: str | None = None) -> LoadedAutoencoder:
@@ -153,7 +134,7 @@ def load_autoencoder(path: str, image_size: int | None = None, *,
     raise UserError(f"{source.path!r} has no MAE decoder (an encoder-only file or a "
                     f"fine-tuned model), so it cannot reconstruct images; give a mim_jax "
                     f"pre-training workdir or a converted *_full.pth MAE checkpoint")
-  config = _training_config(source.path) or {}
+  config = config_upgrade.upgrade(workdir.read_run_config(source.path) or {})
   mae_config = config.get("mae") or {}
   if decoder_layer is None:
     decoder_layer = mae_config.get("decoder_layer")

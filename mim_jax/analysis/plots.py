@@ -9,7 +9,6 @@ Figures are built with matplotlib's object API, never pyplot, so they change no 
 backend or state: a notebook shows the returned Figure inline, a script saves it.
 """
 
-import os
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -23,8 +22,7 @@ COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:b
 
 def _save(fig: Figure, path: str | None) -> Figure:
   if path:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=100)
+    figures.save_figure(fig, path, dpi=100)
   return fig
 
 

@@ -10,13 +10,14 @@ teacher or be exported without an intermediate file.
 
 import dataclasses
 import hashlib
+import io as bytes_io
 import json
 import os
 from typing import Any
 
 import numpy as np
-from etils import epath
 
+from mim_jax import io, workdir
 from mim_jax.errors import UserError
 from mim_jax.trainer.tree import flatten_with_names
 
@@ -132,21 +133,19 @@ def save_converted(path: str, params: dict[str, Any], arch: dict[str, Any]) -> s
     raise UserError(f"params have no 'encoder' entry (top level: {sorted(params)})")
   arch = check_arch(arch)
   flat = {name: np.asarray(leaf) for name, leaf in flatten_with_names(params).items()}
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  partial = f"{path}.partial.npz"  # never leave a half-written file under the real name
-  np.savez(partial, **flat, **{ARCH_KEY: np.asarray(json.dumps(arch))})
-  os.replace(partial, path)
+  buffer = bytes_io.BytesIO()
+  np.savez(buffer, **flat, **{ARCH_KEY: np.asarray(json.dumps(arch))})
+  io.write_bytes(path, buffer.getvalue())  # all or nothing, local or gs://
   return content_hash(params)
 
 
 def load_converted(path: str) -> Converted:
   """Reads a converted `.npz`, a mim_jax workdir (latest step) or a checkpoint step dir."""
   path = os.fspath(path)
-  if not os.path.exists(path):
+  if not io.exists(path):
     raise UserError(f"no such file or directory: {path!r} (expected a converted .npz from "
                     f"`python -m mim_jax.convert from_torch` or a mim_jax workdir)")
-  if os.path.isdir(path):
+  if io.is_dir(path):
     params, arch = _read_training_checkpoint(path)
   else:
     params, arch = _read_npz(path)
@@ -154,8 +153,9 @@ def load_converted(path: str) -> Converted:
 
 
 def _read_npz(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
+  content = io.read_bytes(path)
   try:
-    with np.load(path, allow_pickle=False) as data:
+    with np.load(bytes_io.BytesIO(content), allow_pickle=False) as data:
       flat = {name: data[name] for name in data.files}
   except Exception as error:  # zipfile/pickle/format errors all mean "not ours"
     raise UserError(f"{path!r} is not a converted .npz ({type(error).__name__}: {error}); "
@@ -172,21 +172,6 @@ def _read_npz(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
 # ----------------------------------------------------------------------------
 # mim_jax training checkpoints
 # ----------------------------------------------------------------------------
-def _step_directory(path: str) -> str:
-  """A workdir, its checkpoints/ dir or one step dir -> the step dir to read."""
-  if os.path.isdir(os.path.join(path, "state")):
-    return path
-  checkpoints = os.path.join(path, "checkpoints")
-  if not os.path.isdir(checkpoints):
-    checkpoints = path
-  steps = [int(name) for name in os.listdir(checkpoints)
-           if name.isdigit() and os.path.isdir(os.path.join(checkpoints, name, "state"))]
-  if not steps:
-    raise UserError(f"{path!r} holds no mim_jax checkpoint (no checkpoints/<step>/state); "
-                    f"give a workdir of `python -m mim_jax.train` or a converted .npz")
-  return os.path.join(checkpoints, str(max(steps)))
-
-
 def arch_from_config(config: dict[str, Any], source: str = "") -> dict[str, Any]:
   """The architecture of a pre-training or fine-tuning config (as stored in checkpoint
   metadata, any version): fine-tuned models have a learned position embedding, their
@@ -209,28 +194,12 @@ def arch_from_config(config: dict[str, Any], source: str = "") -> dict[str, Any]
 
 
 def _read_training_checkpoint(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  step_dir = _step_directory(path)
-  meta_path = os.path.join(step_dir, "meta", "metadata")
-  try:
-    with open(meta_path, encoding="utf-8") as f:
-      meta = json.load(f)
-    config = json.loads(meta["config"])
-  except (OSError, KeyError, ValueError) as error:
-    raise UserError(f"cannot read the run configuration of {step_dir!r} ({error}); it is "
-                    f"not a complete mim_jax checkpoint") from None
-  handler = ocp.PyTreeCheckpointHandler()
-  state_dir = epath.Path(step_dir) / "state"
-  metadata = handler.metadata(state_dir).tree
-  if "params" not in metadata:
-    raise UserError(f"{state_dir!r} has no params (entries: {sorted(metadata)})")
-  params_meta = {"params": metadata["params"]}
-  restore_args = _tree_map_leaves(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
-                                  params_meta)
-  restored = ocp.PyTreeCheckpointer().restore(
-      state_dir, args=ocp.args.PyTreeRestore(item=params_meta, restore_args=restore_args,
-                                             partial_restore=True))
-  params = restored["params"]
+  """(params, arch) of the newest readable checkpoint of a run (or of one step dir)."""
+
+  def read(step_dir: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    return workdir.read_config(step_dir), workdir.read_params(step_dir)
+
+  step_dir, (config, params) = workdir.latest_readable(path, read)
   if config.get("task") == "linear_probe":
     raise UserError(f"{step_dir!r} is a linear-probe run: its checkpoints hold the probe head "
                     f"and BatchNorm statistics only; its frozen encoder is "
@@ -247,9 +216,3 @@ def _read_training_checkpoint(path: str) -> tuple[dict[str, Any], dict[str, Any]
   if meta.get("arch"):  # what the task trained; older checkpoints: derived from the config
     return params, check_arch({**meta["arch"], "source": step_dir})
   return params, arch_from_config(config, source=step_dir)
-
-
-def _tree_map_leaves(fn, tree):
-  if isinstance(tree, dict):
-    return {k: _tree_map_leaves(fn, v) for k, v in tree.items()}
-  return fn(tree)

@@ -38,6 +38,7 @@ import io
 import math
 import multiprocessing
 import os
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -63,13 +64,17 @@ def exit_with_parent() -> None:
   """In a multiprocessing child (a grain worker): exit once the parent process is gone.
 
   A daemon thread polls the parent pid every PARENT_POLL_SECONDS; when the child
-  has been re-parented, it exits at once. No-op in a main process and after the
-  first call.
+  has been re-parented, it exits at once. The child also ignores SIGINT: Ctrl-C
+  reaches the whole process group, and the parent (which saves, then stops its
+  workers) handles it; a worker would only print a traceback. No-op in a main
+  process and after the first call.
   """
   global _watching_parent
   if _watching_parent or multiprocessing.parent_process() is None:
     return
   _watching_parent = True
+  if threading.current_thread() is threading.main_thread():
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
   parent = os.getppid()
 
   def watch() -> None:

@@ -1,11 +1,13 @@
 """PNG grids of images (rows = examples, columns = named views)."""
 
-import os
+import io as bytes_io
 from collections.abc import Mapping
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from mim_jax import io
 
 
 def image_grid(columns: Mapping[str, np.ndarray], title: str = "") -> Figure:
@@ -33,7 +35,13 @@ def image_grid(columns: Mapping[str, np.ndarray], title: str = "") -> Figure:
 
 
 def save_image_grid(columns: Mapping[str, np.ndarray], path: str, title: str = "") -> str:
-  """Writes `image_grid(columns, title)` as a PNG; returns the path."""
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  image_grid(columns, title).savefig(path, dpi=80)
+  """Writes `image_grid(columns, title)` as a PNG (local or gs://); returns the path."""
+  save_figure(image_grid(columns, title), path, dpi=80)
   return path
+
+
+def save_figure(fig: Figure, path: str, dpi: int) -> None:
+  """Renders `fig` as a PNG in memory and writes the bytes to `path` (local or gs://)."""
+  buffer = bytes_io.BytesIO()
+  fig.savefig(buffer, format="png", dpi=dpi)
+  io.write_bytes(path, buffer.getvalue())

@@ -1,12 +1,25 @@
-"""Progress logs (stdout with throughput and ETA), metrics.jsonl and TensorBoard events."""
+"""Progress logs (stdout with throughput and ETA), metrics.jsonl and TensorBoard events.
+
+Both files go through mim_jax.io, so a gs:// workdir gets them too. A resumed
+run first cuts `metrics.jsonl` back to the step it resumes from, so the steps it
+repeats are never logged twice; its new TensorBoard event file starts with a
+session-start record at the next step, which makes TensorBoard drop the
+earlier run's records from there on.
+"""
 
 import datetime
 import json
-import os
+import socket
+import struct
 import time
 from typing import Any
 
 from absl import logging
+
+from mim_jax import io, workdir as layout
+
+# Object stores rewrite an event file at every flush: start a new one past this size.
+MAX_REWRITTEN_EVENT_FILE_BYTES = 4 << 20
 
 
 def format_duration(seconds: float) -> str:
@@ -16,34 +29,91 @@ def format_duration(seconds: float) -> str:
 class MetricWriter:
   """Writes one record per logged step; only the primary process writes files.
 
-  TensorBoard events are written with tensorboardX, which needs no TensorFlow.
+  `start_step`: the step the run starts or resumes from; records of later
+  steps already in `metrics.jsonl` (logged before an interruption) are dropped.
   """
 
-  def __init__(self, workdir: str, *, primary: bool = True):
+  def __init__(self, workdir: str, *, primary: bool = True, start_step: int = 0):
     self.primary = primary
     self._jsonl = None
-    self._tb = None
+    self._events = None
     if primary:
-      os.makedirs(workdir, exist_ok=True)
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
-      from tensorboardX import SummaryWriter  # imported lazily: heavy and optional at import
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      self._jsonl = io.AppendableFile(layout.metrics_path(workdir),
+                                      _records_up_to(workdir, start_step))
+      self._events = EventFile(layout.tensorboard_dir(workdir), start_step)
 
   def write(self, step: int, scalars: dict[str, float]) -> None:
     if not self.primary:
       return
     record = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
-    self._jsonl.write(json.dumps(record) + "\n")
-    self._jsonl.flush()
-    for name, value in scalars.items():
-      self._tb.add_scalar(name, float(value), int(step))
-    self._tb.flush()
+    self._jsonl.append((json.dumps(record) + "\n").encode("utf-8"))
+    self._events.write_scalars(int(step), record)
 
   def close(self) -> None:
     if self._jsonl:
       self._jsonl.close()
-      self._tb.close()
-      self._jsonl = self._tb = None
+      self._events.close()
+      self._jsonl = self._events = None
+
+
+def _records_up_to(workdir: str, step: int) -> bytes:
+  """metrics.jsonl's lines for steps <= `step` (a run resumed at `step` repeats the rest)."""
+  records = layout.read_metrics(workdir)
+  kept = [r for r in records if int(r.get("step", 0)) <= step]
+  if len(kept) < len(records):
+    logging.info("metrics.jsonl: dropped %d record(s) after step %d, which this run repeats",
+                 len(records) - len(kept), step)
+  return "".join(json.dumps(r) + "\n" for r in kept).encode("utf-8")
+
+
+class EventFile:
+  """TensorBoard scalars in the TFRecord event format, written through mim_jax.io.
+
+  The records are built with tensorboardX's protobufs (no TensorFlow needed).
+  """
+
+  def __init__(self, directory: str, start_step: int = 0):
+    self.directory = directory
+    self.start_step = start_step
+    self._file = None
+    self._start_file(session_start=True)
+
+  def _start_file(self, session_start: bool) -> None:
+    from tensorboardX.proto import event_pb2  # pylint: disable=import-outside-toplevel
+    if self._file is not None:
+      self._file.close()
+    now = time.time()
+    path = io.join(self.directory, f"events.out.tfevents.{now:.6f}.{socket.gethostname()}")
+    records = [_record(event_pb2.Event(wall_time=now, file_version="brain.Event:2"))]
+    if session_start:  # TensorBoard drops earlier records from here on: a resumed run's repeats
+      records.append(_record(event_pb2.Event(
+          wall_time=now, step=self.start_step + 1,
+          session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START))))
+    self._file = io.AppendableFile(path, b"".join(records))
+
+  def write_scalars(self, step: int, scalars: dict[str, float]) -> None:
+    from tensorboardX.proto import event_pb2, summary_pb2  # pylint: disable=import-outside-toplevel
+    if io.is_remote(self.directory) and self._file.size > MAX_REWRITTEN_EVENT_FILE_BYTES:
+      self._start_file(session_start=False)
+    values = [summary_pb2.Summary.Value(tag=name, simple_value=float(value))
+              for name, value in scalars.items() if name != "step"]
+    event = event_pb2.Event(wall_time=time.time(), step=step,
+                            summary=summary_pb2.Summary(value=values))
+    self._file.append(_record(event))
+
+  def close(self) -> None:
+    if self._file is not None:
+      self._file.close()
+      self._file = None
+
+
+def _record(event: Any) -> bytes:
+  """One TFRecord: length, its masked CRC32C, the payload, the payload's masked CRC32C."""
+  from tensorboardX.record_writer import masked_crc32c  # pylint: disable=import-outside-toplevel
+  data = event.SerializeToString()
+  header = struct.pack("<Q", len(data))
+  return (header + struct.pack("<I", masked_crc32c(header)) + data
+          + struct.pack("<I", masked_crc32c(data)))
 
 
 class Throughput:
