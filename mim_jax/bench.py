@@ -70,23 +70,31 @@ def bench_task(config):
   return build_task(config)
 
 
+def synthetic_batch(task, batch_size: int, config) -> dict[str, np.ndarray]:
+  """Random data of the shapes the task's data spec asks for (views, worker fields, labels)."""
+  rng = np.random.default_rng(0)
+  spec = task.data_spec
+  batch = {view.key: rng.integers(0, 256, (batch_size, view.size, view.size, 3), np.uint8)
+           for view in spec.views}
+  for field in spec.worker_fields:
+    batch[field.name] = np.stack([field.make(rng) for _ in range(batch_size)])
+  if spec.labels:
+    batch["label"] = rng.integers(0, config.num_classes, (batch_size,)).astype(np.int32)
+  return batch
+
+
 def bench_step(config) -> dict[str, float]:
   task = bench_task(config)
   mesh = sharding.mesh_from_config(config.mesh)
   sharding.check_batch_size(config.batch_size, mesh)
   abstract_params = jax.eval_shape(task.init_params, jax.random.PRNGKey(0))
-  tx, schedule = loop.make_optimizer(config, abstract_params, total_steps=1000,
-                                     warmup_steps=100)
+  tx, schedule = loop.make_optimizer(config, abstract_params, 1000, 100,
+                                     task.weight_decay_mask(abstract_params),
+                                     task.layer_ids(abstract_params))
   _, shardings, init_state = loop.prepare_state(task, tx, config, mesh)
   state = init_state()
   frozen, frozen_shardings = loop.place_frozen(task.load_frozen()[0], config, mesh)
-  images = np.random.RandomState(0).randint(
-      0, 256, (config.batch_size, config.image_size, config.image_size, 3), np.uint8)
-  local = {"image": images}
-  if getattr(task, "needs_labels", False):
-    local["label"] = np.random.RandomState(1).randint(
-        0, config.num_classes, (config.batch_size,)).astype(np.int32)
-  batch = sharding.global_batch(local, mesh)
+  batch = sharding.global_batch(synthetic_batch(task, config.batch_size, config), mesh)
   step_fn = loop.jit_train_step(task, tx, schedule, shardings, frozen_shardings, mesh)
 
   start = time.perf_counter()
