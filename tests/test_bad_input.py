@@ -55,12 +55,6 @@ DEMO = ("--workdir={run}", "--config.data.data_dir={data}")
 CKA = ("cka", "--model_a={run}", "--model_b={run}", "--out={new}", "--data_dir={data}",
        "--batch_size=8", "--num_batches=1")
 
-RUNTIME_HELPER = ("the runtime helper's work (trainer/checkpoint + loop): a resume whose "
-                  "data iterator does not fit the checkpoint is one line, and a failed "
-                  "resume adds no grain 'handle is closed' traceback")
-CONVERT_ARGPARSE = ("convert/__main__.py: argparse prints its usage and 'prog: error: ...' "
-                    "for a bad argument; a one-line parser (cli.py) is proposed")
-
 
 @dataclasses.dataclass(frozen=True)
 class Row:
@@ -137,11 +131,9 @@ ROWS = (
                                                  "--config.model.width=48"),
         "belongs to a different model"),
     Row("resume_with_another_seed", "train", (*TRAIN, "--config.total_steps=3",
-                                              "--config.seed=1"), "seed",
-        (pytest.mark.xfail(strict=True, reason=RUNTIME_HELPER),)),
+                                              "--config.seed=1"), "seed"),
     Row("resume_with_another_data_source", "train",
-        (*TRAIN, "--config.total_steps=3", "--config.data.split=validation"), "data",
-        (pytest.mark.xfail(strict=True, reason=RUNTIME_HELPER),)),
+        (*TRAIN, "--config.total_steps=3", "--config.data.split=validation"), "data"),
     # --- bench ---------------------------------------------------------------------------
     Row("bench_steps_0", "bench", (*MAE, "--steps=0"), "--steps=0"),
     Row("bench_peak_tflops_0", "bench", (*BENCH, "--peak_tflops=0"), "--peak_tflops=0.0"),
@@ -190,9 +182,8 @@ ROWS = (
         "{new}.pth"),
     Row("convert_output_not_torch", "convert", ("to_torch", "{run}", "{new}.txt"), "{new}.txt"),
     Row("convert_num_heads_0", "convert", ("from_torch", "{file}", "{new}.npz", "--num_heads=0"),
-        "--num_heads", (pytest.mark.xfail(strict=True, reason=CONVERT_ARGPARSE),)),
-    Row("convert_no_command", "convert", (), "command",
-        (pytest.mark.xfail(strict=True, reason=CONVERT_ARGPARSE),)),
+        "--num_heads"),
+    Row("convert_no_command", "convert", (), "command"),
 )
 
 

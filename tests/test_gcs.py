@@ -10,7 +10,6 @@ and HOME, which must hold nothing but caches afterwards.
 import io as bytes_io
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -269,18 +268,11 @@ def test_every_path_on_gs(gcs, demo_dir, empty_cwd_and_home, tmp_path):
   assert gcs.trap.calls == 0
 
 
-TORCH_IO_PENDING = ("convert/torch_io.py still reads and writes through os.path on this "
-                    "branch; the convert-trust branch moves it to mim_jax.io")
-
-
 def check_torch_round_trip_in_the_bucket(run):
   torch = pytest.importorskip("torch", reason="the export needs the torch extra")
   from mim_jax.convert import load_converted, torch_io  # pylint: disable=import-outside-toplevel
   exported = f"gs://{BUCKET}/export/mae.pth"
   torch_io.export_to_torch(run, exported)
-  if not io.exists(exported):  # os.makedirs + open wrote it under ./gs:/ instead
-    shutil.rmtree("gs:", ignore_errors=True)
-    pytest.skip(TORCH_IO_PENDING)
   state_dict = torch.load(bytes_io.BytesIO(io.read_bytes(exported)), weights_only=True)
   params = load_converted(run).params
   np.testing.assert_array_equal(state_dict["patch_embed.proj.bias"].numpy(),
@@ -313,14 +305,9 @@ def test_io_on_the_bucket(gcs):
   assert not io.exists(f"{root}/lock")
 
 
-DATA_PENDING = ("mim_jax/data/ still reads data_dir through os.path on this branch; the "
-                "data-core branch moves it to mim_jax.io")
-
-
 def test_images_read_from_the_bucket_equal_the_local_ones(gcs, empty_cwd_and_home, tmp_path):
   from PIL import Image  # pylint: disable=import-outside-toplevel
   from mim_jax import analysis  # pylint: disable=import-outside-toplevel
-  from mim_jax.data.sources import DataError  # pylint: disable=import-outside-toplevel
   rng = np.random.RandomState(0)
   local = tmp_path / "images"
   for label in ("cat", "dog"):
@@ -331,12 +318,7 @@ def test_images_read_from_the_bucket_equal_the_local_ones(gcs, empty_cwd_and_hom
       io.write_bytes(f"gs://{BUCKET}/images/{relative}", encoded.getvalue())
       io.write_bytes(str(local / relative), encoded.getvalue())
   expected = analysis.first_images(analysis.data_config(f"folder:{local}"), 6, 32)
-  try:
-    found = analysis.first_images(analysis.data_config(f"folder:gs://{BUCKET}/images"), 6, 32)
-  except DataError as error:
-    if f"gs://{BUCKET}/images" not in str(error):
-      raise
-    pytest.skip(f"{DATA_PENDING}: {error}")
+  found = analysis.first_images(analysis.data_config(f"folder:gs://{BUCKET}/images"), 6, 32)
   np.testing.assert_array_equal(found, expected)
 
 

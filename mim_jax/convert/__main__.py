@@ -35,8 +35,15 @@ def _positive(text: str) -> int:
   return value
 
 
+class _ArgumentParser(argparse_flags.ArgumentParser):
+  """argparse with mistakes as one `error:` line and exit status 2 (subparsers too)."""
+
+  def error(self, message: str):
+    cli.exit_with_error(f"{self.prog}: {message}")
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
-  parser = argparse_flags.ArgumentParser(
+  parser = _ArgumentParser(
       prog="python -m mim_jax.convert",
       description="Convert ViT weights between PyTorch (timm/MAE/MAE-Lite) and mim_jax.")
   commands = parser.add_subparsers(dest="command", required=True)
