@@ -170,7 +170,8 @@ def make_train_loader(data_config: Any, *, global_batch_size: int, seed: int, im
           image_size, scale=tuple(config_value(data_config, "crop_scale")),
           ratio=tuple(config_value(data_config, "crop_ratio")),
           flip=bool(config_value(data_config, "flip")),
-          reduced_decode=bool(config_value(data_config, "reduced_jpeg_decode"))),
+          reduced_decode=bool(config_value(data_config, "reduced_jpeg_decode")),
+          decoder=config_value(data_config, "decoder")),  # data.decoder: see data/jpeg.py
       *([augmentation] if augmentation is not None else []),
       transforms.SkipUndecodable(max_consecutive=local_batch_size),
       transforms.KeepFields(_fields(with_labels)),
