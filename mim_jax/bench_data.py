@@ -22,11 +22,12 @@ worker is the loader's rate divided by the workers (one worker per core).
 
 from __future__ import annotations
 
+import functools
+import importlib.metadata
 import io
 import json
 import math
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -50,17 +51,23 @@ CMYK_EVERY = 150
 FOLDER_STATS = "bench_folder.json"
 
 
+@functools.cache
 def full_size_photos() -> dict[str, np.ndarray]:
-  """The ten colour photographs of the scikit-image / scikit-learn wheels, full size (uint8 RGB)."""
+  """The ten colour photographs of the scikit-image / scikit-learn wheels, full size (uint8 RGB).
+
+  scikit-learn's two are read from its wheel's files, without importing it (seconds).
+  """
   from skimage import data as skimage_data  # pylint: disable=import-outside-toplevel
-  from sklearn.datasets import load_sample_images  # pylint: disable=import-outside-toplevel
 
   names = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field",
            "immunohistochemistry", "retina")
   photos = {name: getattr(skimage_data, name)()[..., :3] for name in names}
   photos["motorcycle"] = skimage_data.stereo_motorcycle()[0]
-  sample = load_sample_images()
-  photos.update({Path(f).stem: image for f, image in zip(sample.filenames, sample.images)})
+  scikit_learn = importlib.metadata.distribution("scikit-learn")
+  for name in ("china", "flower"):
+    path = scikit_learn.locate_file(f"sklearn/datasets/images/{name}.jpg")
+    with Image.open(path) as image:
+      photos[name] = np.asarray(image.convert("RGB"))
   return photos
 
 

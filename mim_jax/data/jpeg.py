@@ -34,8 +34,8 @@ import functools
 import io
 import math
 from collections.abc import Callable
+from typing import Any
 
-import cv2
 import numpy as np
 import simplejpeg
 from PIL import Image, features
@@ -46,8 +46,18 @@ REDUCTIONS = (8, 4, 2)  # libjpeg-turbo's DCT scalings that decode faster than f
 # Colour spaces libjpeg-turbo converts to RGB as Pillow does; CMYK / YCCK are left to Pillow.
 _RGB_COLORSPACES = ("YCbCr", "Gray")
 
-# One OpenCV thread: each grain worker is one core, and OpenCV's pool would oversubscribe.
-cv2.setNumThreads(1)
+
+
+@functools.cache
+def _cv2() -> Any:
+  """OpenCV, imported on first use (~0.5 s) and limited to one thread.
+
+  Each grain worker is one core; OpenCV's own thread pool would oversubscribe them.
+  """
+  import cv2  # pylint: disable=import-outside-toplevel
+
+  cv2.setNumThreads(1)
+  return cv2
 
 
 def rgb_jpeg_size(data: bytes) -> tuple[int, int] | None:
@@ -163,10 +173,11 @@ def resized_crop(pixels: np.ndarray, box: Box, size: int, scale: float = 1.0) ->
   cols = slice(round(left * scale), max(round((left + width) * scale), round(left * scale) + 1))
   crop = pixels[rows, cols]
   shrinks = crop.shape[0] > size and crop.shape[1] > size
+  cv2 = _cv2()
   return cv2.resize(crop, (size, size),
                     interpolation=cv2.INTER_AREA if shrinks else cv2.INTER_CUBIC)
 
 
 def flip_horizontally(pixels: np.ndarray) -> np.ndarray:
   """`pixels[:, ::-1]` as a new contiguous array (OpenCV: ~20x faster than numpy's strided copy)."""
-  return cv2.flip(np.ascontiguousarray(pixels), 1)
+  return _cv2().flip(np.ascontiguousarray(pixels), 1)
