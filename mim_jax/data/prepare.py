@@ -15,9 +15,14 @@ is above `--short_side` is resized (Pillow bicubic, antialiased, as
 torchvision's `Resize(short_side)`) and re-encoded as JPEG `--quality`; a JPEG
 already small enough keeps its bytes, other formats are re-encoded at their
 size. The FFCV-style trade: the decoder reads fewer pixels, but every crop then
-comes from an image at most `short_side` pixels high or wide. An image that
-cannot be decoded is copied unchanged, so the record count stays the source's
-and the loader skips it as before.
+comes from an image at most `short_side` pixels high or wide. Measured on the
+300-image `bench_data` folder (ImageNet sizes; 242 of its images are resized at
+256): decode + crop + resize + flip fell from 2.7 to 1.7 ms per image at 224 px
+('pil'; 'turbo': 1.6 to 0.75 ms); against the exact crop of the original, the
+same relative box of the copy differs by 2.6 / 1.8 / 1.2 gray levels on average
+at 224 / 112 / 64 px (at 224 px a crop of the smaller image is enlarged more,
+so it is blurrier). An image that cannot be decoded is copied unchanged, so
+the record count stays the source's and the loader skips it as before.
 
 Shards of `--shard_size` records are made by `--workers` processes and written
 whole (local: renamed into place; gs://: one upload each), local or gs://
