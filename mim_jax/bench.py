@@ -49,6 +49,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from mim_jax import bench_data, cli
+from mim_jax.errors import ConfigError
 from mim_jax.step_breakdown import breakdown, median_seconds
 from mim_jax.tasks.distill import DistillationTask
 from mim_jax.tasks.registry import build_task
@@ -138,7 +139,9 @@ def main(argv):
   config = _CONFIG.value
 
   def run():
-    if _DATA.value and _MAKE_FOLDER.value:
+    if _MAKE_FOLDER.value:
+      if not _DATA.value:
+        raise ConfigError("--make_folder times the input pipeline: add --data.")
       bench_data.use_folder(config, _MAKE_FOLDER.value)
     result = bench_data.bench_data(config, _STEPS.value) if _DATA.value else bench_step(config)
     kind = "input pipeline" if _DATA.value else f"train step ({config.task})"

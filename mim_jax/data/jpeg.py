@@ -10,10 +10,10 @@ chosen by `data.decoder`:
   runs the very code Pillow runs (libjpeg-turbo, same DCT and chroma
   upsampling) into one numpy array (0.81 against Pillow's 1.20 ms per
   ImageNet-sized JPEG here, 1.00 counting the copy into a PIL image); the crop
-  is then resized by Pillow as before, and flipped by OpenCV. This is used only after `turbo_matches_pillow`
-  found both libraries give the same pixels (checked once per process on
-  JPEGs of every chroma layout); otherwise, and for other formats and CMYK,
-  Pillow decodes.
+  is then resized by Pillow as before, and flipped by OpenCV. This is used
+  only after `turbo_matches_pillow` found both libraries give the same pixels
+  (checked once per process on JPEGs of every chroma layout); otherwise, and
+  for other formats and CMYK, Pillow decodes.
 
 'turbo': the fastest path, with slightly different pixels. The crop box and
   the flip are drawn exactly as on the 'pil' path (same sizes, same generator
@@ -51,7 +51,6 @@ DECODERS = ("pil", "turbo")
 REDUCTIONS = (8, 4, 2)  # libjpeg-turbo's DCT scalings that decode faster than full size
 # Colour spaces libjpeg-turbo converts to RGB as Pillow does; CMYK / YCCK are left to Pillow.
 _RGB_COLORSPACES = ("YCbCr", "Gray")
-
 
 
 @functools.cache
