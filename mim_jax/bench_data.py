@@ -128,7 +128,7 @@ def make_folder(out_dir: str, num_images: int = FOLDER_IMAGES, seed: int = FOLDE
 
 
 def use_folder(config: Any, folder: str) -> None:
-  """Points `config.data` at the benchmark folder `folder`, writing it first unless it is complete."""
+  """Points `config.data` at the benchmark folder `folder`, written first unless complete."""
   stats_file = mio.join(folder, FOLDER_STATS)
   if not mio.exists(stats_file):
     print(f"writing the benchmark folder of {FOLDER_IMAGES} JPEGs to {folder}")

@@ -98,7 +98,7 @@ def decode(data: bytes, reduction: int = 1) -> np.ndarray | None:
 
 
 def decode_like_pillow(data: bytes) -> np.ndarray | None:
-  """Pillow's `convert('RGB')` pixels of a JPEG, decoded by simplejpeg; None when Pillow must decode.
+  """Pillow's `convert('RGB')` pixels of a JPEG decoded by simplejpeg; None: Pillow must decode.
 
   None for other formats, CMYK, files libjpeg-turbo warns about, and when the
   two libraries do not give the same pixels here (`turbo_matches_pillow`).
@@ -168,7 +168,7 @@ def decode_for_crop(data: bytes, sample_box: Callable[[int, int], Box], min_side
 
 
 def resized_crop(pixels: np.ndarray, box: Box, size: int, scale: float = 1.0) -> np.ndarray:
-  """Crops `box` (full-size pixels; `pixels` is at `scale`) and resizes it to (size, size) with OpenCV.
+  """Crops `box` (full-size pixels; `pixels` at `scale`), resizes it to (size, size) with OpenCV.
 
   The box is rounded to whole pixels of the reduced image (a shift of at most
   half a reduced pixel); area averaging when both sides shrink, else bicubic.

@@ -74,7 +74,7 @@ class Resize:
                       "short_side >= 0 (0 keeps sizes) and quality in [1, 100].")
 
   def __call__(self, data: bytes) -> bytes:
-    """The record's new encoded image (its original bytes when already small enough or unreadable)."""
+    """The record's new encoded image (its own bytes when small enough already or unreadable)."""
     size = jpeg.rgb_jpeg_size(data)
     if size is not None and (self.short_side == 0 or min(size) <= self.short_side):
       return data  # no second JPEG compression
@@ -97,7 +97,7 @@ class Resize:
 def prepare(data_config: Any, *, out_dir: str, out_name: str, splits: Sequence[str] | None = None,
             resize: Resize = Resize(), shard_size: int = 1024, workers: int = 0,
             log: Callable[[str], None] = print) -> str:
-  """Writes the resized copy (see the module doc); returns its directory `<out_dir>/<out_name>/1.0.0`.
+  """Writes the resized copy (see the module doc); returns `<out_dir>/<out_name>/1.0.0`.
 
   Args:
     data_config: the source, as a data config (kind, name, data_dir, image_key, label_key).

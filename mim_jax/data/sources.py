@@ -86,8 +86,8 @@ def default_data_config() -> config_dict.ConfigDict:
       keeps torchvision's pixels bit for bit (JPEGs decoded by libjpeg-turbo when
       that is bit-identical); 'turbo' decodes reduced by DCT scaling while the
       crop keeps >= 2x image_size per side and resizes with OpenCV: same crop
-      boxes and flips, ~1.7x the images per core at 224 px, pixels differ by ~0.7 gray
-      levels on average (measured, see jpeg.py).
+      boxes and flips, ~1.7x the images per core at 224 px, pixels differ by
+      ~0.7 gray levels on average (measured, see jpeg.py).
     eval_resize_ratio: evaluation resizes the shorter side to
       int(image_size / eval_resize_ratio) (bicubic), then centre-crops image_size:
       timm's / MAE's `crop_pct` (MAE: 224/256 = 0.875 up to 224 px, 1.0 above).

@@ -91,8 +91,8 @@ def test_turbo_draws_the_same_boxes_and_flips(jpegs: dict[str, bytes], size: int
       sample = functools.partial(transforms.sample_crop_box, scale=(0.2, 1.0),
                                  ratio=(3 / 4, 4 / 3), rng=rng)
       crop = transforms.DecodeRandomResizedCrop(size, decoder=decoder)
-      boxes[decoder] = transforms.decode_for_crop(data, sample, crop._min_side(),  # pylint: disable=protected-access
-                                                  decoder=decoder)[1]
+      min_side = crop._min_side()  # pylint: disable=protected-access
+      boxes[decoder] = transforms.decode_for_crop(data, sample, min_side, decoder=decoder)[1]
       rng = np.random.default_rng(7)
       crop.random_map({"image": data, "label": 0}, rng)
       states[decoder] = rng.bit_generator.state  # same draws, so the same flip

@@ -1,4 +1,4 @@
-"""`python -m mim_jax.data.prepare`: a resized TFDS copy that the loader reads as data.kind='tfds'."""
+"""`python -m mim_jax.data.prepare`: a resized TFDS copy, read back as data.kind='tfds'."""
 
 from __future__ import annotations
 
