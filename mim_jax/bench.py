@@ -5,6 +5,8 @@ r"""Benchmarks: the jitted train step on synthetic on-device data, or the input 
   python -m mim_jax.bench --config configs/d2mae_vit_tiny.py --config.batch_size=64
   python -m mim_jax.bench --config configs/finetune_vit_tiny.py --config.batch_size=64
   python -m mim_jax.bench --config configs/mae_vit_tiny.py:demo --data     # pipeline only
+  python -m mim_jax.bench --config configs/mae_vit_tiny.py --data \
+      --make_folder=/tmp/bench_jpegs --config.data.decoder=turbo    # on ImageNet-sized JPEGs
   python -m mim_jax.bench --config configs/d2mae_vit_tiny.py --config.batch_size=64 --torch
   python -m mim_jax.bench --config configs/d2mae_vit_tiny.py --config.batch_size=256 \
       --config.model.dtype=bfloat16 --peak_tflops=989 --torch --torch_device=cuda  # H100
@@ -21,6 +23,12 @@ timm modules and torch.optim.AdamW (`mim_jax/bench_torch.py`) is timed right
 after, with the same batch, for a side-by-side images/s: on the CPU, or with
 --torch_device=cuda on the GPU (under bfloat16 autocast when model.dtype is
 bfloat16).
+
+The input pipeline (--data, `mim_jax/bench_data.py`): images/s of the training
+loader of `config.data`, per worker, and per core-second of worker CPU time.
+--make_folder=DIR benchmarks on a folder of 300 JPEGs at ImageNet's sizes made
+from the photographs in the scikit-image / scikit-learn wheels (written to DIR
+unless already there).
 
 Profiling. --breakdown (pre-training tasks) also times, on the same batch, the
 loss alone (every forward pass: student, decoder, teacher, losses), the loss and
@@ -40,9 +48,8 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from mim_jax import cli, config_checks
-from mim_jax.data import pipeline
-from mim_jax.errors import UserError
+from mim_jax import bench_data, cli, config_checks
+from mim_jax.errors import ConfigError, UserError
 from mim_jax.step_breakdown import breakdown, median_seconds
 from mim_jax.tasks.registry import build_task
 from mim_jax.trainer import loop, sharding
@@ -52,6 +59,9 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path[:ar
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (after one compile + warm-up step).")
 _PEAK = flags.DEFINE_float("peak_tflops", None, "Peak dense TFLOP/s of all devices, for MFU.")
 _DATA = flags.DEFINE_bool("data", False, "Time the input pipeline alone instead of the step.")
+_MAKE_FOLDER = flags.DEFINE_string(
+    "make_folder", None, "With --data: time the pipeline on the benchmark JPEG folder at this "
+    "path (local or gs://), written first unless it exists (mim_jax/bench_data.py).")
 _TORCH = flags.DEFINE_bool("torch", False, "Also time the PyTorch (timm) version of the step.")
 _TORCH_DEVICE = flags.DEFINE_enum("torch_device", "cpu", ["cpu", "cuda"],
                                   "Where --torch runs the PyTorch step.")
@@ -125,22 +135,6 @@ def bench_step(config) -> dict[str, float]:
   return result
 
 
-def bench_data(config) -> dict[str, float]:
-  loader = pipeline.make_train_loader(
-      config.data, pipeline.DataSpec.single_view(config.image_size, augment=True),
-      global_batch_size=config.batch_size, seed=config.seed)
-  iterator = iter(loader)
-  next(iterator)  # start the workers
-  start = time.perf_counter()
-  for _ in range(_STEPS.value):
-    next(iterator)
-  elapsed = time.perf_counter() - start
-  images_per_sec = _STEPS.value * config.batch_size / elapsed
-  workers = max(config.data.worker_count, 1)
-  return {"batch": config.batch_size, "workers": config.data.worker_count,
-          "images_per_sec": images_per_sec, "images_per_sec_per_worker": images_per_sec / workers}
-
-
 def print_result(result: dict[str, Any]) -> None:
   for key, value in result.items():
     print(f"  {key:28s} {value:.4g}" if isinstance(value, float) else f"  {key:28s} {value}")
@@ -192,7 +186,11 @@ def main(argv):
     cli.check_no_arguments(argv)
     config_checks.check_config(config)
     check_flags(config)
-    result = bench_data(config) if _DATA.value else bench_step(config)
+    if _MAKE_FOLDER.value:
+      if not _DATA.value:
+        raise ConfigError("--make_folder times the input pipeline: add --data.")
+      bench_data.use_folder(config, _MAKE_FOLDER.value)
+    result = bench_data.bench_data(config, _STEPS.value) if _DATA.value else bench_step(config)
     kind = "input pipeline" if _DATA.value else f"train step ({config.task})"
     print(f"{kind} on {jax.devices()[0].device_kind} x{jax.device_count()}:")
     print_result(result)

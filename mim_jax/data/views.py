@@ -31,7 +31,7 @@ import grain
 import numpy as np
 from absl import logging
 
-from mim_jax.data import augment, transforms
+from mim_jax.data import augment, jpeg, transforms
 from mim_jax.data.data_config import DataError, config_value
 from mim_jax.data.spec import DataSpec
 
@@ -91,10 +91,14 @@ class DecodeViews(transforms._ExitsWithParent, grain.transforms.RandomMap):
   reduced_decode: bool = False
   augmentation: transforms.Augment | None = None
   worker_fields: tuple[Any, ...] = ()
+  decoder: str = "pil"  # data.decoder: 'pil' (torchvision's pixels) or 'turbo' (jpeg.py)
 
   def __post_init__(self):
     if not self.crops:
       raise ValueError("DecodeViews needs at least one crop")
+    if self.decoder not in jpeg.DECODERS:
+      raise DataError(f"data.decoder {self.decoder!r} unknown: use 'pil' (torchvision's pixels) "
+                      "or 'turbo' (faster, pixels differ slightly; see mim_jax/data/jpeg.py).")
 
   def random_map(self, element: Record, rng: np.random.Generator) -> Record:
     drawn: list[tuple[transforms.Box, bool]] = []
@@ -107,7 +111,7 @@ class DecodeViews(transforms._ExitsWithParent, grain.transforms.RandomMap):
 
     try:
       image, _, scale = transforms.decode_for_crop(element["image"], sample_boxes,
-                                                   self._min_side)
+                                                   self._min_side, decoder=self.decoder)
     except Exception as error:  # pylint: disable=broad-exception-caught  # Any bad file.
       return transforms.undecodable(element, error)
     out = {}
@@ -124,8 +128,14 @@ class DecodeViews(transforms._ExitsWithParent, grain.transforms.RandomMap):
 
   @property
   def _min_side(self) -> int:
-    """What `decode_for_crop` must keep of `_decode_box`'s box per side (0: decode in full)."""
-    return max(crop.size for crop in self.crops) if self.reduced_decode else 0
+    """What `decode_for_crop` must keep of `_decode_box`'s box per side (0: decode in full).
+
+    'turbo' reduces only while its area filter still averages >= 2 pixels per output pixel.
+    """
+    largest = max(crop.size for crop in self.crops)
+    if self.reduced_decode:
+      return largest
+    return 2 * largest if self.decoder == "turbo" else 0
 
   def _decode_box(self, boxes: Sequence[transforms.Box]) -> transforms.Box:
     """One box for `decode_for_crop`: a reduction keeping it >= `_min_side` per side keeps all.
@@ -135,7 +145,7 @@ class DecodeViews(transforms._ExitsWithParent, grain.transforms.RandomMap):
     largest, as for one view). Every other view has at least as many box pixels
     per output pixel, so it keeps >= its size per side at that reduction too.
     """
-    if len(boxes) == 1 or not self.reduced_decode:
+    if len(boxes) == 1 or not self._min_side:
       return boxes[0]
     ratios = [min(box[2], box[3]) / crop.size for box, crop in zip(boxes, self.crops)]
     index = int(np.argmin(ratios))
@@ -153,7 +163,8 @@ def train_transform(spec: DataSpec, data_config: Any) -> DecodeViews:
     augmentation = None
   return DecodeViews(view_crops(spec, data_config),
                      reduced_decode=bool(config_value(data_config, "reduced_jpeg_decode")),
-                     augmentation=augmentation, worker_fields=tuple(spec.worker_fields))
+                     augmentation=augmentation, worker_fields=tuple(spec.worker_fields),
+                     decoder=config_value(data_config, "decoder"))
 
 
 # --------------------------------------------------------------------------- #

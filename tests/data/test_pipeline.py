@@ -551,7 +551,7 @@ def test_default_config_fields():
   config = pipeline.default_data_config()
   assert set(config) == {
       "kind", "name", "data_dir", "split", "eval_split", "image_key", "label_key", "crop_scale",
-      "crop_ratio", "flip", "reduced_jpeg_decode", "eval_resize_ratio", "worker_count",
+      "crop_ratio", "flip", "reduced_jpeg_decode", "decoder", "eval_resize_ratio", "worker_count",
       "prefetch_buffer_size", "read_threads", "read_buffer_size", "digits_size",
       "randaug_magnitude", "randaug_mstd", "randaug_num_ops", "color_jitter", "force_color_jitter"}
   assert config.kind == "demo" and tuple(config.crop_scale) == (0.2, 1.0)
