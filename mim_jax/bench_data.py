@@ -151,8 +151,8 @@ def bench_data(config: Any, steps: int, warmup: int = 5) -> dict[str, float]:
   jobs changes much less than the wall-clock rate.
   """
   loader = pipeline.make_train_loader(
-      config.data, global_batch_size=config.batch_size, seed=config.seed,
-      image_size=config.image_size)
+      config.data, pipeline.DataSpec.single_view(config.image_size, augment=True),
+      global_batch_size=config.batch_size, seed=config.seed)
   worker_count = config.data.worker_count
   made_ahead = (config_value(config.data, "prefetch_buffer_size") + 1) * worker_count
   iterator = iter(loader)

@@ -189,13 +189,15 @@ def test_decoder_switch_reaches_the_loader(folder: str):
   batches = {}
   for decoder in jpeg.DECODERS:
     config.data.decoder = decoder
-    loader = pipeline.make_train_loader(config.data, global_batch_size=4, seed=3, image_size=64)
+    loader = pipeline.make_train_loader(config.data, pipeline.DataSpec.single_view(64),
+                                        global_batch_size=4, seed=3)
     batches[decoder] = next(iter(loader))["image"].astype(int)
   differences = np.abs(batches["turbo"] - batches["pil"]).mean(axis=(1, 2, 3))
   assert (0 < differences).any() and (differences < 8).all(), differences
   config.data.decoder = "simd"
   with pytest.raises(DataError, match="data.decoder 'simd' unknown"):
-    pipeline.make_train_loader(config.data, global_batch_size=4, seed=3, image_size=64)
+    pipeline.make_train_loader(config.data, pipeline.DataSpec.single_view(64),
+                               global_batch_size=4, seed=3)
 
 
 def test_bench_data_reports_rates_and_cpu_per_image(folder: str):

@@ -105,8 +105,8 @@ def test_copy_is_a_tfds_data_set_the_loaders_read(prepared: Path):
   assert loader.num_classes == len(CLASSES) and loader.num_records == len(_VAL)
   batches = list(loader)
   assert [int(label) for b in batches for label, m in zip(b["label"], b["mask"]) if m] == [0, 2]
-  train = pipeline.make_train_loader(config, global_batch_size=4, seed=0, image_size=16,
-                                     num_epochs=1, with_labels=True)
+  train = pipeline.make_train_loader(config, pipeline.DataSpec.single_view(16, labels=True),
+                                     global_batch_size=4, seed=0, num_epochs=1)
   images = [b["image"] for b in train]  # the broken file is skipped, as from the folder
   assert len(images) == 2 and all(i.shape == (4, 16, 16, 3) for i in images)
 
