@@ -172,7 +172,7 @@ def run_attention(models: Sequence[str], out: str, *, names: Sequence[str] = (),
     batches = inputs.batches(config, batch_size=batch_size, image_size=size,
                              num_batches=num_batches)
     stats[model.name] = attention.attention_statistics(model, batches, layers=layers)
-    query = attention.centre_token(model.grid) if query_token is None else query_token
+    query = attention.centre_token(model.layout.grid) if query_token is None else query_token
     maps = attention.attention_maps(model, map_images[map_image:map_image + 1], query,
                                     layers=stats[model.name].layers)
     figure = ("attention_maps.png" if len(loaded) == 1

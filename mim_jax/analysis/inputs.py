@@ -23,6 +23,7 @@ from mim_jax.convert import converted
 from mim_jax.data import pipeline
 from mim_jax.data.sources import default_data_config
 from mim_jax.errors import UserError
+from mim_jax.models import registry
 from mim_jax.models.mae import MAEDecoder, MaskedAutoencoder
 from mim_jax.models.vit import VisionTransformer
 from mim_jax.analysis.quick_probe import encoder_for
@@ -41,6 +42,13 @@ class LoadedModel:
   params: Any
   image_size: int
   sha256: str
+  arch: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+  @property
+  def layout(self) -> registry.TokenLayout:
+    """Prefix tokens and patch grid, from the backbone (a ViT: cls + a square grid)."""
+    return registry.get(self.arch.get("backbone", "vit")).token_layout(
+        {"patch_size": self.model.patch_size, **self.arch}, self.image_size)
 
   @property
   def depth(self) -> int:
@@ -60,8 +68,8 @@ class LoadedModel:
 
   @property
   def num_tokens(self) -> int:
-    """Patches plus the cls token."""
-    return self.grid**2 + 1
+    """Patches plus the prefix (cls) tokens."""
+    return self.layout.num_patches + self.layout.prefix_tokens
 
   def describe(self) -> dict[str, Any]:
     return {"name": self.name, "path": self.path, "sha256": self.sha256,
@@ -111,6 +119,7 @@ def load_model(path: str | converted.Converted, image_size: int | None = None,
   size = _image_size(source, image_size)
   model, params = encoder_for(source, size)
   return LoadedModel(name=name or default_name(source.path), path=source.path, model=model,
+                     arch=dict(source.arch),
                      params=params, image_size=size, sha256=source.sha256)
 
 

@@ -12,7 +12,8 @@ ask the backbone, never a model's internals:
 * `arch` descriptions (the JSON stored beside converted weights) and
   `build_from_arch(arch, **role)`;
 * `layer_id(path, num_layers)` for layer-wise lr decay, `num_layers(arch)`;
-* `forward_flops(arch, num_patches)`;
+* `forward_flops(arch, num_patches)`, `token_layout(arch, image_size)` (prefix tokens
+  and the patch grid, for the analyses);
 * its scan layout (`apply_layout`, `unscanned`) and its PyTorch converter
   (`torch_format`).
 
@@ -23,6 +24,7 @@ embedding, pooling, a head, stochastic depth, a mask-token input, ...).
 from __future__ import annotations
 
 import abc
+import dataclasses
 from typing import Any
 
 import flax.linen as nn
@@ -63,6 +65,19 @@ def check_attention_dtype(model_config: Any, dtype: Any, key: str) -> None:
                       f"{jnp.dtype(dtype).name}")
 
 
+@dataclasses.dataclass(frozen=True)
+class TokenLayout:
+  """How a backbone's tokens sit on the image: `prefix_tokens` (cls, ...) first, then a
+  rows x cols raster of patches of `patch_size` pixels (what the analyses need)."""
+  prefix_tokens: int
+  grid: tuple[int, int]
+  patch_size: int
+
+  @property
+  def num_patches(self) -> int:
+    return self.grid[0] * self.grid[1]
+
+
 class Backbone(abc.ABC):
   """What a backbone tells the rest of mim_jax (see the module docstring)."""
 
@@ -99,6 +114,10 @@ class Backbone(abc.ABC):
   @abc.abstractmethod
   def forward_flops(self, arch: dict[str, Any], num_patches: int) -> float:
     """Matmul FLOPs of one forward pass on `num_patches` patches."""
+
+  @abc.abstractmethod
+  def token_layout(self, arch: dict[str, Any], image_size: int) -> TokenLayout:
+    """Where the encoder's output tokens sit on an `image_size` image."""
 
 
 _BACKBONES: dict[str, Backbone] = {}

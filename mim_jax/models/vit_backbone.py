@@ -157,6 +157,11 @@ class ViT(registry.Backbone):
       return index + 1
     return num_layers + 1
 
+  def token_layout(self, arch: dict[str, Any], image_size: int) -> registry.TokenLayout:
+    """The cls token, then the patches of a square grid in raster order."""
+    grid = image_size // arch["patch_size"]
+    return registry.TokenLayout(1, (grid, grid), arch["patch_size"])
+
   def forward_flops(self, arch: dict[str, Any], num_patches: int) -> float:
     return flops.vit_encoder_flops(num_patches, arch["patch_size"], arch["width"],
                                    arch["depth"], arch.get("mlp_ratio", 4.0))
