@@ -73,6 +73,84 @@ def bias_from_table(table: jax.Array, grid: int, positions: jax.Array | None = N
   return jnp.transpose(bias, (0, 3, 1, 2)).astype(jnp.float32)
 
 
+def attention_logits(q: jax.Array, k: jax.Array, bias: jax.Array | None = None) -> jax.Array:
+  """q k^T / sqrt(d) (+ bias), (B, h, N, N) float32, from q, k (B, N, h, d).
+
+  In float32 the scale multiplies q (timm's order) rather than the logits: the same
+  up to rounding, bit for bit at d = 16 or 64, and XLA:CPU fuses a scaled q into the
+  copy it makes anyway, where scaling the logits materialised a (B, h, N, N) tensor
+  of the constant for the matmul library. Other dtypes scale the float32 logits,
+  which keeps the scale's rounding out of bfloat16.
+  """
+  scale = q.shape[-1]**-0.5
+  if q.dtype == jnp.float32:
+    q = q * jnp.float32(scale)
+  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+  if q.dtype != jnp.float32:
+    logits = logits * jnp.float32(scale)
+  return logits if bias is None else logits + bias
+
+
+def _softmax(logits: jax.Array) -> jax.Array:
+  """`jax.nn.softmax` over the last axis: exp(x - max) / sum."""
+  unnormalized = jnp.exp(logits - logits.max(axis=-1, keepdims=True))
+  return unnormalized / unnormalized.sum(axis=-1, keepdims=True)
+
+
+def _sum_to_shape(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """Sums the axes along which an array of `shape` was broadcast to x's shape."""
+  axes = tuple(i for i, (n, m) in enumerate(zip(shape, x.shape)) if n == 1 and m != 1)
+  return x.sum(axis=axes, keepdims=True) if axes else x
+
+
+@jax.custom_vjp
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None
+              ) -> tuple[jax.Array, jax.Array]:
+  """softmax(q k^T / sqrt(d) + bias) v (B, N, h, d) and the float32 logits (B, h, N, N).
+
+  The gradient is written out from the saved probabilities: dlogits = p (dp - sum(p dp))
+  (+ the logits' own cotangent, when they are distilled), dq = dlogits k / sqrt(d),
+  dk = dlogits^T q / sqrt(d), dv = p^T dout. Autodiff of the same forward re-derived
+  the probabilities from exp(...) and 1 / sum in the backward pass, and XLA:CPU
+  materialised that reciprocal broadcast to (B, h, N, N) for every layer; written out,
+  each pass of the softmax and of its gradient is one fusion with the matmul next to
+  it (a third of the attention's time on the CPU).
+  """
+  logits = attention_logits(q, k, bias)
+  return _attention_output(_softmax(logits), v), logits
+
+
+def _attention_output(probs: jax.Array, v: jax.Array) -> jax.Array:
+  return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
+
+
+def _attention_fwd(q, k, v, bias):
+  logits = attention_logits(q, k, bias)
+  probs = _softmax(logits)
+  return (_attention_output(probs, v), logits), (q, k, v, probs, bias)
+
+
+def _attention_bwd(residuals, cotangents):
+  q, k, v, probs, bias = residuals
+  d_out, d_logits = cotangents
+  d_v = jnp.einsum("bhqk,bqhd->bkhd", probs.astype(v.dtype), d_out)
+  d_probs = jnp.einsum("bqhd,bkhd->bhqk", d_out, v, preferred_element_type=jnp.float32)
+  d_logits = d_logits + probs * (d_probs - jnp.sum(probs * d_probs, axis=-1, keepdims=True))
+  d_bias = None if bias is None else _sum_to_shape(d_logits, bias.shape).astype(bias.dtype)
+  scale = q.shape[-1]**-0.5
+  if q.dtype != jnp.float32:  # the scale was applied to the float32 logits
+    d_logits = d_logits * jnp.float32(scale)
+  d_logits = d_logits.astype(q.dtype)
+  d_q = jnp.einsum("bhqk,bkhd->bqhd", d_logits, k)
+  d_k = jnp.einsum("bhqk,bqhd->bkhd", d_logits, q)
+  if q.dtype == jnp.float32:  # the scale was applied to q: d(q scale) = dq scale
+    d_q, d_k = d_q * jnp.float32(scale), d_k * jnp.float32(scale)
+  return d_q, d_k, d_v, d_bias
+
+
+attention.defvjp(_attention_fwd, _attention_bwd)
+
+
 class RelativePositionBias(nn.Module):
   """One bias table shared by every block (SimMIM's `USE_SHARED_RPB`)."""
   grid: int
@@ -119,8 +197,10 @@ class Attention(nn.Module):
       q_bias = self.param("q_bias", nn.initializers.zeros, (width,), PARAM_DTYPE)
       v_bias = self.param("v_bias", nn.initializers.zeros, (width,), PARAM_DTYPE)
       qkv = qkv + jnp.concatenate([q_bias, jnp.zeros_like(q_bias), v_bias]).astype(qkv.dtype)
-    qkv = qkv.reshape(batch, tokens, 3, self.num_heads, head_dim)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    # Split along the features (whose transpose concatenates the three gradients)
+    # rather than indexing a (B, N, 3, h, d) view (whose transpose zero-pads each).
+    q, k, v = (part.reshape(batch, tokens, self.num_heads, head_dim)
+               for part in jnp.split(qkv, 3, axis=-1))
     if self.rel_pos_grid:
       table = self.param("relative_position_bias_table", nn.initializers.zeros,
                          (num_relative_distances(self.rel_pos_grid), self.num_heads),
@@ -134,11 +214,7 @@ class Attention(nn.Module):
       biased = None if bias is None else bias.astype(q.dtype)
       out = jax.nn.dot_product_attention(q, k, v, bias=biased, implementation=self.impl)
       return proj(out), None
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-    logits = logits * jnp.float32(head_dim**-0.5)
-    if bias is not None:
-      logits = logits + bias
     if self.logits_only:
-      return None, logits
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return proj(jnp.einsum("bhqk,bkhd->bqhd", probs, v)), logits
+      return None, attention_logits(q, k, bias)
+    out, logits = attention(q, k, v, bias)
+    return proj(out), logits

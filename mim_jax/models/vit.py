@@ -39,8 +39,9 @@ from mim_jax.models import posembed
 from mim_jax.models.attention import (ATTENTION_IMPLS, QKV_BIASES, REL_POS_BIASES, Attention,
                                       RelativePositionBias)
 from mim_jax.models.layers import (PARAM_DTYPE, WEIGHT_INITS, DropPath, LayerNorm, Mlp,
-                                   apply_drop_path, dense, layer_norm, patch_bias_init,
-                                   patch_kernel_init, token_init, token_init_for)
+                                   apply_drop_path, dense, layer_norm, matmul_last_axis,
+                                   patch_bias_init, patch_kernel_init, token_init,
+                                   token_init_for)
 from mim_jax.models.patches import patchify
 
 __all__ = ["ATTENTION_IMPLS", "Block", "DropPath", "LayerNorm", "PARAM_DTYPE", "REMAT_POLICIES",
@@ -152,7 +153,7 @@ class PatchProjection(nn.Module):
     bias = self.param("bias", patch_bias_init(self.weight_init, 3 * self.patch_size**2),
                       (self.width,), PARAM_DTYPE)
     kernel = kernel.reshape(-1, self.width).astype(self.dtype)
-    return jnp.dot(patches.astype(self.dtype), kernel) + bias.astype(self.dtype)
+    return matmul_last_axis(patches.astype(self.dtype), kernel) + bias.astype(self.dtype)
 
 
 class PatchEmbed(nn.Module):
