@@ -23,7 +23,7 @@ from jax.sharding import Mesh
 from mim_jax.data import pipeline
 from mim_jax.data.sources import DataError
 from mim_jax.errors import ConfigError, TrainingDivergedError
-from mim_jax.trainer import checkpoint, figures, metrics, optim, sharding
+from mim_jax.trainer import accumulate, checkpoint, figures, metrics, optim, sharding
 from mim_jax.tasks.base import TRAIN_STATE_KEYS, Task
 from mim_jax.trainer.tree import count_params
 
@@ -106,11 +106,14 @@ def make_train_step(task: Task, tx: optax.GradientTransformation,
   params and what the loss handed back.
   """
 
+  # config.grad_accum_steps > 1: the mean over micro-batches (trainer/accumulate.py)
+  loss_and_grad = accumulate.value_and_grad(task.loss_fn,
+                                            accumulate.grad_accum_steps(task.config))
+
   def train_step(state: dict[str, Any], frozen: dict[str, Any], batch: dict[str, jax.Array]):
     step_rng = jax.random.fold_in(state["rng"], state["step"])
     extra = {k: v for k, v in state.items() if k not in TRAIN_STATE_KEYS}
-    (loss, aux), grads = jax.value_and_grad(task.loss_fn, has_aux=True)(
-        state["params"], extra, frozen, batch, step_rng)
+    (loss, aux), grads = loss_and_grad(state["params"], extra, frozen, batch, step_rng)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     new_extra = task.update_extra(extra, params, aux.updates, state["step"])
