@@ -143,7 +143,7 @@ def collective_traffic(hlo_text: str) -> dict[str, dict[str, float]]:
         output = max(shape_bytes(s) for s in re.findall(r"[a-z0-9]+\[[0-9,]*\]",
                                                          match.group("shape")))
       operand = {"all-gather": output / n, "reduce-scatter": output * n}.get(kind, output)
-      size = operand * n if kind == "reduce-scatter" else output
+      size = operand if kind == "reduce-scatter" else output
       entry = traffic[kind]
       entry["count"] += times
       entry["operand_bytes"] += times * operand
