@@ -30,6 +30,7 @@ bfloat16 pass on TPUs; the PyTorch twin is allowed TF32 too
 arithmetic (TF32 on GPUs, bfloat16 on TPUs, plain float32 on GPUs without TF32).
 """
 
+import importlib.util
 import json
 import os
 import re
@@ -106,7 +107,6 @@ def suite_config(model: str, dtype: str, size: str, batch: int):
   config.model.dtype = dtype
   config.batch_size = batch
   return config
-
 
 
 # ----------------------------------------------------------------------------
@@ -243,12 +243,8 @@ def probe_devices(isolate: bool) -> dict[str, Any]:
 
 
 def torch_available() -> bool:
-  try:
-    import timm  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
-    import torch  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
-  except ImportError:
-    return False
-  return True
+  """Whether the PyTorch twins can run (the `torch` extra is installed)."""
+  return all(importlib.util.find_spec(name) is not None for name in ("torch", "timm"))
 
 
 def run_suite(size: str = "recipe", batch: int | None = None, steps: int | None = None,

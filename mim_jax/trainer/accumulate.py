@@ -39,6 +39,12 @@ What each piece of the step sees:
   BatchNorm statistics move once, by the micro-batches' mean statistics; an EMA of
   the weights moves once, as without accumulation.
 * **Logged terms** are the means over micro-batches.
+* **Communication**: XLA reduces each micro-batch's gradient across devices as it is
+  produced (the partitioner carries no unreduced partial sums through a loop), so
+  with data parallelism the gradient all-reduce runs once per micro-batch, m times a
+  step (as PyTorch DDP without `no_sync`), and with FSDP the gradient reduction
+  likewise (as FSDP does by default); `bench --scaling --scaling_grad_accum=m` shows
+  the bytes. On one device there is none.
 
 Gradients and terms are summed in float32 (or wider) whatever their dtype.
 """
