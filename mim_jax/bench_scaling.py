@@ -24,9 +24,13 @@ Collectives inside loops (`lax.scan`: scanned blocks, gradient accumulation)
 count once per iteration (XLA's known trip count).
 
 The partitioning is XLA's SPMD partitioner, the same for TPU, GPU and CPU, so
-placements and collective bytes are those of a real pod; temporary bytes come
-from the CPU compiler's buffer assignment (its fusion decisions differ from the
-TPU's and GPU's): an estimate, not a measurement.
+placements, parameter / optimizer bytes and the gathers are those of a real pod.
+Two things are the CPU compiler's own: temporary bytes come from its buffer
+assignment (its fusion decisions differ from the TPU's and GPU's: an estimate, not
+a measurement), and it reduces FSDP's gradients with an all-reduce whose shard each
+device keeps, where the GPU and TPU compilers emit a reduce-scatter: on a pod an
+FSDP step sends (n-1)/n x the sharded gradients' bytes less than the 'sent/dev'
+column says, the same bytes as data parallelism's all-reduce.
 
   python -m mim_jax.bench --scaling                          # 8, 64, 256 devices
   python -m mim_jax.bench --scaling --scaling_devices=8 --scaling_models=mae_tiny
@@ -248,14 +252,14 @@ def analyze(config, placement: str | None = None) -> dict[str, Any]:
 def micro_batch_memory(config, steps_options: Sequence[int] | None = None
                        ) -> list[dict[str, Any]]:
   """`analyze` (placement `config.mesh`) at each `grad_accum_steps` of `steps_options`;
-  default: 1, 2, 4, ... while a micro-batch still gives every device an example.
-
-  How much memory a micro-batch needs, for picking `grad_accum_steps` on a small machine.
+  default: 1, 2, 4, ... while the micro-batch splits evenly into at least 8 examples a
+  device. How much memory a micro-batch needs, to pick `grad_accum_steps` that fits.
   """
   import jax  # pylint: disable=g-import-not-at-top
   if steps_options is None:
-    steps_options, steps = [], 1
-    while config.batch_size % (steps * jax.device_count()) == 0:
+    steps_options, steps = [1], 2
+    while (config.batch_size % (steps * jax.device_count()) == 0 and
+           config.batch_size // (steps * jax.device_count()) >= 8):
       steps_options.append(steps)
       steps *= 2
   config = config.copy_and_resolve_references()
