@@ -39,12 +39,14 @@ What each piece of the step sees:
   BatchNorm statistics move once, by the micro-batches' mean statistics; an EMA of
   the weights moves once, as without accumulation.
 * **Logged terms** are the means over micro-batches.
-* **Communication**: XLA reduces each micro-batch's gradient across devices as it is
-  produced (the partitioner carries no unreduced partial sums through a loop), so
-  with data parallelism the gradient all-reduce runs once per micro-batch, m times a
-  step (as PyTorch DDP without `no_sync`), and with FSDP the gradient reduction
-  likewise (as FSDP does by default); `bench --scaling --scaling_grad_accum=m` shows
-  the bytes. On one device there is none.
+* **Communication**: the partitioner reduces each micro-batch's gradient across
+  devices inside the loop, so with data parallelism the gradient all-reduce can run
+  once per micro-batch, m times a step (as PyTorch DDP without `no_sync`; with FSDP
+  the gradient reduction likewise, as FSDP does by default). XLA's CPU compiler keeps
+  it so (`bench --scaling --scaling_grad_accum=m` shows the bytes); XLA has a pass
+  that hoists an all-reduce whose result is only accumulated out of a loop
+  (`WhileLoopAllReduceCodeMotion`), which accelerator compilers may apply. On one
+  device there is none.
 
 Gradients and terms are summed in float32 (or wider) whatever their dtype.
 """
@@ -81,7 +83,8 @@ def grad_accum_steps(config: ml_collections.ConfigDict) -> int:
 
 
 def split_batch(batch: Any, steps: int) -> Any:
-  """(B, ...) leaves -> (steps, B / steps, ...): row j goes to micro-batch j % steps."""
+  """(B, ...) leaves -> (B / steps, steps, ...), a reshape that copies nothing: row j of the
+  batch is example j // steps of micro-batch j % steps (`micro_batch`)."""
   sizes = {leaf.shape[0] if leaf.ndim else None for leaf in jax.tree.leaves(batch)}
   if len(sizes) != 1 or None in sizes:
     raise ValueError(f"every batch field needs the same leading (batch) dimension to be "
@@ -90,8 +93,13 @@ def split_batch(batch: Any, steps: int) -> Any:
   if size % steps:
     raise ConfigError(f"a batch of {size} examples cannot be split into grad_accum_steps="
                       f"{steps} equal micro-batches; use a batch_size divisible by {steps}")
-  return jax.tree.map(
-      lambda x: jnp.swapaxes(x.reshape((size // steps, steps) + x.shape[1:]), 0, 1), batch)
+  return jax.tree.map(lambda x: x.reshape((size // steps, steps) + x.shape[1:]), batch)
+
+
+def micro_batch(split: Any, index: jax.Array) -> Any:
+  """Micro-batch `index` of a `split_batch`: examples index, index + steps, ... ."""
+  return jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, index, axis=1, keepdims=False),
+                      split)
 
 
 @functools.lru_cache(maxsize=None)
@@ -180,20 +188,18 @@ def value_and_grad(loss_fn: LossFn, steps: int) -> Callable:
     return grad_fn
 
   def accumulated(params, extra, frozen, batch, rng):
-    micro_batches = split_batch(batch, steps)
-    micro_size = jax.tree.leaves(micro_batches)[0].shape[1]
+    split = split_batch(batch, steps)
+    micro_size = jax.tree.leaves(split)[0].shape[0]
 
-    def one(index, micro_batch):
+    def one(index):
       key = micro_batch_key(rng, index, steps, micro_size)
-      return grad_fn(params, extra, frozen, micro_batch, key)
+      return grad_fn(params, extra, frozen, micro_batch(split, index), key)
 
-    def body(total, inputs):
-      out = one(*inputs)
-      return jax.tree.map(lambda t, x: t + x.astype(t.dtype), total, out), None
+    def body(total, index):
+      return jax.tree.map(lambda t, x: t + x.astype(t.dtype), total, one(index)), None
 
-    like = jax.eval_shape(one, jnp.uint32(0), jax.tree.map(lambda x: x[0], micro_batches))
-    total, _ = jax.lax.scan(body, _accumulator(like),
-                            (jnp.arange(steps, dtype=jnp.uint32), micro_batches))
+    like = jax.eval_shape(one, jnp.uint32(0))
+    total, _ = jax.lax.scan(body, _accumulator(like), jnp.arange(steps, dtype=jnp.uint32))
     return jax.tree.map(lambda t, x: (t / steps).astype(x.dtype), total, like)
 
   return accumulated
