@@ -17,11 +17,13 @@ at `batch` images per device (default 256) and 10 timed steps; on a CPU a batch
 of 8 per device and 2 timed steps; `--suite_size=tiny` shrinks the models to 32 px
 and two 32-wide blocks (the test suite runs it).
 
-On an accelerator every row runs in its own process, so peak memory is that row's
-(`memory_stats()['peak_bytes_in_use']`, `torch.cuda.max_memory_allocated()`),
-compile time is a cold compile, and PyTorch never shares the GPU with JAX's
-allocator. On the CPU the rows run in this process and JAX's peak memory is the
-compiled program's (arguments + temporaries + outputs, `memory_analysis()`).
+Every row runs in its own process (but tiny rows on the CPU, the test suite's):
+peak memory is that row's (`memory_stats()['peak_bytes_in_use']`,
+`torch.cuda.max_memory_allocated()`), compile time is a cold compile, PyTorch
+never shares the GPU with JAX's allocator, and on the CPU neither framework's
+threads compete with the other's. The CPU keeps no allocation statistics: there
+JAX's peak memory is the compiled program's (arguments + temporaries + outputs,
+`memory_analysis()`) and PyTorch's is left blank.
 
 float32 rows use each framework's default matmul precision on its own terms made
 equal: JAX computes float32 matmuls in TF32 on Ampere / Hopper GPUs and in one
@@ -250,13 +252,14 @@ def torch_available() -> bool:
 def run_suite(size: str = "recipe", batch: int | None = None, steps: int | None = None,
               models: Sequence[str] = MODELS, dtypes: Sequence[str] = DTYPES,
               frameworks: Sequence[str] = FRAMEWORKS, row_timeout_s: float = 600,
-              verbose: bool = False) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+              isolate: bool | None = None, verbose: bool = False) -> tuple[dict[str, Any], list[dict[str, Any]]]:
   """(device description, rows): every model x dtype x framework that this machine can run.
 
   `batch` is per device (default: 256 on an accelerator, 8 on the CPU, 2 at size 'tiny');
   `steps` are timed after a warm-up step (default 10 on an accelerator, 2 on the CPU). A
-  row that fails (out of memory, a missing backend) keeps its error in the table. `verbose`
-  prints each row as it is done.
+  row that fails (out of memory, a missing backend) keeps its error in the table.
+  `isolate`: a process per row (default: except for tiny rows on the CPU, which the
+  test suite runs in its own process); `verbose` prints each row as it is done.
   """
   for name, value, allowed in (("size", size, SIZES), ("model", models, MODELS),
                                ("dtype", dtypes, DTYPES), ("framework", frameworks, FRAMEWORKS)):
@@ -265,6 +268,7 @@ def run_suite(size: str = "recipe", batch: int | None = None, steps: int | None 
       raise ConfigError(f"suite {name} {unknown[0]!r} is unknown; choose from {allowed}")
   device = probe_devices(isolate=os.environ.get("JAX_PLATFORMS", "") != "cpu")
   accelerator = device["platform"] != "cpu"
+  isolate = (accelerator or size == "recipe") if isolate is None else isolate
   batch = batch or (256 if accelerator else 2 if size == "tiny" else 8)
   steps = steps or (10 if accelerator else 2)
   rows = []
@@ -277,7 +281,7 @@ def run_suite(size: str = "recipe", batch: int | None = None, steps: int | None 
           row = {"error": "no PyTorch on a TPU here (torch_xla is not used)"}
         elif framework == "torch" and not torch_available():
           row = {"error": "torch/timm not installed: pip install -e '.[torch]'"}
-        elif accelerator:
+        elif isolate:
           row = _run_isolated(spec, row_timeout_s)
         else:
           try:
