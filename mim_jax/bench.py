@@ -69,7 +69,63 @@ _BREAKDOWN = flags.DEFINE_bool("breakdown", False,
                                "Also time the forward, backward, teacher and optimizer alone.")
 _PROFILE_DIR = flags.DEFINE_string("profile_dir", None,
                                    "Write a jax.profiler trace of the timed steps here.")
-flags.mark_flags_as_required(["config"])
+
+# --- The accelerator suite, memory and communication on paper, memory against the
+# micro-batch (mim_jax/bench_suite.py, mim_jax/bench_scaling.py) -------------------
+_SUITE = flags.DEFINE_bool(
+    "suite", False, "Time MAE-Tiny, D²-MAE-Tiny and ViT-Tiny fine-tuning, float32 and bfloat16, "
+    "JAX and PyTorch, on this machine's accelerator; one table (no --config).")
+_SUITE_SIZE = flags.DEFINE_enum("suite_size", "recipe", ["recipe", "tiny"],
+                                "--suite: the recipes' models at 224 px, or tiny ones (CI).")
+_SUITE_BATCH = flags.DEFINE_integer(
+    "suite_batch", None, "--suite: images per device (default 256 on an accelerator, 8 on "
+    "the CPU, 2 with --suite_size=tiny); --steps sets the timed steps (default 10 / 2).")
+_SUITE_MODELS = flags.DEFINE_list("suite_models", "mae_tiny,d2mae_tiny,finetune_tiny",
+                                  "--suite: the rows' models.")
+_SUITE_DTYPES = flags.DEFINE_list("suite_dtypes", "float32,bfloat16", "--suite: compute dtypes.")
+_SCALING = flags.DEFINE_bool(
+    "scaling", False, "Compile (never run) MAE-Tiny, D²-MAE-Tiny and ViT-B MAE for meshes of "
+    "simulated devices; print per-device memory and collective bytes per step (no --config).")
+_SCALING_DEVICES = flags.DEFINE_list("scaling_devices", "8,64,256", "--scaling: mesh sizes.")
+_SCALING_MODELS = flags.DEFINE_list("scaling_models", "mae_tiny,d2mae_tiny,mae_base",
+                                    "--scaling: models.")
+_SCALING_PLACEMENTS = flags.DEFINE_list("scaling_placements", "data,fsdp",
+                                        "--scaling: placements (data parallel, FSDP).")
+_SCALING_BATCH = flags.DEFINE_integer("scaling_batch", 4096, "--scaling: global batch.")
+_SCALING_ACCUM = flags.DEFINE_integer("scaling_grad_accum", 1,
+                                      "--scaling: grad_accum_steps of the compiled steps.")
+_ACCUM_MEMORY = flags.DEFINE_bool(
+    "accum_memory", False, "With --config: compile the step at grad_accum_steps = 1, 2, 4, ... "
+    "and print the memory per device each needs, to pick a micro-batch that fits.")
+flags.register_multi_flags_validator(
+    ["config", "suite", "scaling"], lambda f: f["config"] is not None or f["suite"] or f["scaling"],
+    message="--config is required (except with --suite or --scaling)")
+
+
+def run_suite_or_scaling(config) -> bool:
+  """Runs --suite, --scaling or --accum_memory if one is set; whether one was."""
+  from mim_jax import bench_scaling, bench_suite  # pylint: disable=g-import-not-at-top
+  if _SUITE.value:
+    steps = _STEPS.value if flags.FLAGS["steps"].present else None
+    device, rows = bench_suite.run_suite(_SUITE_SIZE.value, _SUITE_BATCH.value, steps,
+                                         _SUITE_MODELS.value, _SUITE_DTYPES.value, verbose=True)
+    print(bench_suite.format_table(device, rows))
+  elif _SCALING.value:
+    rows = []
+    for devices in _SCALING_DEVICES.value:
+      print(f"compiling for {devices} simulated devices ...", flush=True)
+      rows += bench_scaling.run_mesh(int(devices), _SCALING_MODELS.value,
+                                     _SCALING_PLACEMENTS.value, _SCALING_BATCH.value,
+                                     _SCALING_ACCUM.value)
+    print(bench_scaling.format_table(rows))
+  elif _ACCUM_MEMORY.value:
+    print(f"train step ({config.task}), global batch {config.batch_size}, on "
+          f"{jax.devices()[0].device_kind} x{jax.device_count()}:")
+    print(bench_scaling.format_memory_table(bench_scaling.micro_batch_memory(config)))
+  else:
+    return False
+  return True
+# --- end of the suite / scaling block ---------------------------------------------
 
 
 def bench_task(config):
@@ -186,6 +242,8 @@ def main(argv):
     cli.check_no_arguments(argv)
     config_checks.check_config(config)
     check_flags(config)
+    if run_suite_or_scaling(config):
+      return
     if _MAKE_FOLDER.value:
       if not _DATA.value:
         raise ConfigError("--make_folder times the input pipeline: add --data.")

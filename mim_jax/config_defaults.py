@@ -49,6 +49,9 @@ def pretrain_config(task: str) -> ml_collections.ConfigDict:
 
   # Length: set total_steps, or leave it unset and set total_epochs (the other is derived).
   config.batch_size = 4096  # global, over all processes and devices
+  # >1: the batch's gradient as the mean over this many micro-batches, in one step
+  # (trainer/accumulate.py): the paper's batch on one GPU; batch_size stays the global one
+  config.grad_accum_steps = 1
   config.total_steps = config_dict.placeholder(int)
   config.total_epochs = 400.0
   config.warmup_steps = config_dict.placeholder(int)
@@ -152,6 +155,7 @@ def finetune_config() -> ml_collections.ConfigDict:
   config.init_keep_blocks = config_dict.placeholder(int)  # layer reservation: keep blocks 1..k
 
   config.batch_size = 1024
+  config.grad_accum_steps = 1  # >1: gradient accumulation over micro-batches (see pretrain_config)
   config.total_steps = config_dict.placeholder(int)
   config.total_epochs = 300.0
   config.warmup_steps = config_dict.placeholder(int)

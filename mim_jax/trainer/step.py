@@ -16,7 +16,7 @@ from jax.sharding import Mesh
 
 from mim_jax.errors import ConfigError
 from mim_jax.tasks.base import TRAIN_STATE_KEYS, Task
-from mim_jax.trainer import optim, sharding
+from mim_jax.trainer import accumulate, optim, sharding
 
 
 # ----------------------------------------------------------------------------
@@ -95,12 +95,14 @@ def make_train_step(task: Task, tx: optax.GradientTransformation,
   params and what the loss handed back. Metrics: the loss and its terms, the step's
   learning rate and `finite` (`state_is_finite` of the loss and the updated state).
   """
+  # config.grad_accum_steps > 1: the mean over micro-batches (trainer/accumulate.py)
+  loss_and_grad = accumulate.value_and_grad(task.loss_fn,
+                                            accumulate.grad_accum_steps(task.config))
 
   def train_step(state: dict[str, Any], frozen: dict[str, Any], batch: dict[str, jax.Array]):
     step_rng = jax.random.fold_in(state["rng"], state["step"])
     extra = {k: v for k, v in state.items() if k not in TRAIN_STATE_KEYS}
-    (loss, aux), grads = jax.value_and_grad(task.loss_fn, has_aux=True)(
-        state["params"], extra, frozen, batch, step_rng)
+    (loss, aux), grads = loss_and_grad(state["params"], extra, frozen, batch, step_rng)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     new_extra = task.update_extra(extra, params, aux.updates, state["step"])
