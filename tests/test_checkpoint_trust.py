@@ -283,8 +283,8 @@ def cli_flags(demo_dir, **overrides):
   values = dict(image_size=32, batch_size=16, total_steps=10_000, warmup_steps=2, log_every=1,
                 checkpoint_every=10_000, image_every=0, **{
                     "model.variant": "", "model.patch_size": 8, "model.width": 32,
-                    "model.depth": 2, "model.num_heads": 4, "model.decoder.width": 16,
-                    "model.decoder.num_heads": 2, "data.worker_count": 1,
+                    "model.depth": 2, "model.num_heads": 4, "mae.decoder.width": 16,
+                    "mae.decoder.num_heads": 2, "data.worker_count": 1,
                     "data.data_dir": demo_dir})
   values.update(overrides)
   return [f"--config.{k}={v}" for k, v in values.items()]

@@ -156,7 +156,7 @@ RUN_OVERRIDES = {
     # A figure at every step: it keeps the run going long enough to be killed in the middle.
     "log_every": 1, "checkpoint_every": 3, "image_every": 1, "model.variant": "",
     "model.patch_size": 8, "model.width": 32, "model.depth": 2, "model.num_heads": 4,
-    "model.decoder.width": 16, "model.decoder.num_heads": 2, "data.worker_count": 0}
+    "mae.decoder.width": 16, "mae.decoder.num_heads": 2, "data.worker_count": 0}
 
 
 def run_config(demo_dir):

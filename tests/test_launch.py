@@ -328,8 +328,8 @@ def test_run_stop_preemption_resume_on_a_fake_slice(pod, tmp_path, demo_dir):
   flags = [f"--config.{k}={v}" for k, v in dict(
       image_size=32, batch_size=16, warmup_steps=2, log_every=1, checkpoint_every=10_000,
       image_every=0, **{"model.variant": "", "model.patch_size": 8, "model.width": 32,
-                        "model.depth": 2, "model.num_heads": 4, "model.decoder.width": 16,
-                        "model.decoder.num_heads": 2, "data.worker_count": 0,
+                        "model.depth": 2, "model.num_heads": 4, "mae.decoder.width": 16,
+                        "mae.decoder.num_heads": 2, "data.worker_count": 0,
                         "data.data_dir": demo_dir}).items()]
   repo = repo_snapshot(tmp_path / "repo")
   for command in (["create"], ["install"]):

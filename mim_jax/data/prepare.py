@@ -284,34 +284,39 @@ def _resume(target: str, settings: dict[str, Any]) -> dict[str, list[int]]:
 # Command line
 # --------------------------------------------------------------------------- #
 
-_KIND = flags.DEFINE_enum("kind", "image_folder", list(sources.KINDS), "Source kind.")
-_NAME = flags.DEFINE_string("name", None, "Source TFDS name (kind=tfds).")
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "Source image-folder root / TFDS data dir.")
-_IMAGE_KEY = flags.DEFINE_string("image_key", "image", "Source TFDS image feature.")
-_LABEL_KEY = flags.DEFINE_string("label_key", "label", "Source TFDS label feature ('' = none).")
-_SPLITS = flags.DEFINE_list("splits", None, "Splits to copy (default: all).")
-_OUT_DIR = flags.DEFINE_string("out_dir", None, "TFDS data dir of the copy (local or gs://).")
-_OUT_NAME = flags.DEFINE_string("out_name", None, "TFDS name of the copy, e.g. imagenet_256.")
-_SHORT_SIDE = flags.DEFINE_integer("short_side", 256, "Shorter side at most this (0 = keep).")
-_QUALITY = flags.DEFINE_integer("quality", 90, "JPEG quality of re-encoded images.")
-_SHARD_SIZE = flags.DEFINE_integer("shard_size", 1024, "Records per array_record shard.")
-_WORKERS = flags.DEFINE_integer("workers", os.cpu_count() or 1, "Processes (0 = this one).")
-flags.mark_flags_as_required(["out_dir", "out_name"])
+def define_flags() -> None:
+  """The command line's flags; defined only when run as a program, since other
+  commands (analyze) use the same names and one process may import both."""
+  flags.DEFINE_enum("kind", "image_folder", list(sources.KINDS), "Source kind.")
+  flags.DEFINE_string("name", None, "Source TFDS name (kind=tfds).")
+  flags.DEFINE_string("data_dir", None, "Source image-folder root / TFDS data dir.")
+  flags.DEFINE_string("image_key", "image", "Source TFDS image feature.")
+  flags.DEFINE_string("label_key", "label", "Source TFDS label feature ('' = none).")
+  flags.DEFINE_list("splits", None, "Splits to copy (default: all).")
+  flags.DEFINE_string("out_dir", None, "TFDS data dir of the copy (local or gs://).")
+  flags.DEFINE_string("out_name", None, "TFDS name of the copy, e.g. imagenet_256.")
+  flags.DEFINE_integer("short_side", 256, "Shorter side at most this (0 = keep).")
+  flags.DEFINE_integer("quality", 90, "JPEG quality of re-encoded images.")
+  flags.DEFINE_integer("shard_size", 1024, "Records per array_record shard.")
+  flags.DEFINE_integer("workers", os.cpu_count() or 1, "Processes (0 = this one).")
+  flags.mark_flags_as_required(["out_dir", "out_name"])
 
 
 def main(argv: list[str]) -> None:
   del argv
+  flag = flags.FLAGS
   data_config = sources.default_data_config()
-  data_config.update(kind=_KIND.value, data_dir=_DATA_DIR.value, image_key=_IMAGE_KEY.value,
-                     label_key=_LABEL_KEY.value or None)
-  if _NAME.value:
-    data_config.name = _NAME.value
+  data_config.update(kind=flag.kind, data_dir=flag.data_dir, image_key=flag.image_key,
+                     label_key=flag.label_key or None)
+  if flag.name:
+    data_config.name = flag.name
   logging.set_verbosity(logging.WARNING)
   cli.run_reporting_user_errors(lambda: prepare(
-      data_config, out_dir=_OUT_DIR.value, out_name=_OUT_NAME.value, splits=_SPLITS.value,
-      resize=Resize(_SHORT_SIDE.value, _QUALITY.value), shard_size=_SHARD_SIZE.value,
-      workers=_WORKERS.value))
+      data_config, out_dir=flag.out_dir, out_name=flag.out_name, splits=flag.splits,
+      resize=Resize(flag.short_side, flag.quality), shard_size=flag.shard_size,
+      workers=flag.workers))
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main, flags_parser=cli.parse_flags)

@@ -36,13 +36,12 @@ import jax
 import jax.numpy as jnp
 
 from mim_jax.models import posembed
-from mim_jax.models.attention import (ATTENTION_IMPLS, QKV_BIASES, REL_POS_BIASES, Attention,
+from mim_jax.models.attention import (ATTENTION_IMPLS, QKV_BIASES, REL_POS_BIASES,
                                       RelativePositionBias)
-from mim_jax.models.layers import (PARAM_DTYPE, WEIGHT_INITS, DropPath, LayerNorm, Mlp,
-                                   apply_drop_path, dense, layer_norm, matmul_last_axis,
-                                   patch_bias_init, patch_kernel_init, token_init,
-                                   token_init_for)
-from mim_jax.models.patches import patchify
+from mim_jax.models.block import REMAT_POLICIES, Block, block_class
+from mim_jax.models.layers import (PARAM_DTYPE, WEIGHT_INITS, DropPath, LayerNorm, dense,
+                                   layer_norm, token_init, token_init_for)
+from mim_jax.models.patches import PatchEmbed
 
 __all__ = ["ATTENTION_IMPLS", "Block", "DropPath", "LayerNorm", "PARAM_DTYPE", "REMAT_POLICIES",
            "SCANNED_BLOCKS", "VARIANTS", "VisionTransformer", "block_class", "dense",
@@ -56,128 +55,7 @@ VARIANTS = {
     "large": dict(width=1024, depth=24, num_heads=16),
 }
 POSEMBS = ("sincos", "learn", "none")
-# 'block': save only each block's input, recompute the rest; 'block_dots': also save the
-# outputs of the projections (qkv, proj, fc1, fc2), recompute attention and elementwise ops.
-REMAT_POLICIES = {
-    "none": None,
-    "block": jax.checkpoint_policies.nothing_saveable,
-    "block_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
 SCANNED_BLOCKS = "scanned_blocks"
-
-
-class Block(nn.Module):
-  """Pre-norm transformer block. Returns (output, attention logits, LN1(input)).
-
-  The logits are None when `attention_impl` is not "explicit" (see `Attention`).
-  `layer_scale` (BEiT / SimMIM's `init_values`) multiplies each residual branch by a
-  learned per-channel `gamma_1` / `gamma_2` started at that value.
-
-  `rng` (optional) is the block's stochastic-depth key (split between its two
-  branches); `keep` (optional, traced) overrides `drop_path` with a keep
-  probability, for the scan over blocks where the rate differs per block. `bias`
-  is the shared relative position bias (or None); `positions` the kept tokens'
-  indices for this block's own table.
-  """
-  num_heads: int
-  mlp_ratio: float = 4.0
-  dtype: Any = jnp.float32
-  attention_only: bool = False
-  drop_path: float = 0.0
-  attention_impl: str = "explicit"
-  qkv_bias: str = "qkv"
-  rel_pos_grid: int = 0
-  layer_scale: float | None = None
-  weight_init: str = "mae"
-  index: int | None = None  # 0-based block index (SimMIM's rescaled init)
-
-  @nn.compact
-  def __call__(self, x: jax.Array, deterministic: bool = True, rng: jax.Array | None = None,
-               keep: jax.Array | None = None, bias: jax.Array | None = None,
-               positions: jax.Array | None = None
-               ) -> tuple[jax.Array, jax.Array | None, jax.Array]:
-    normed = layer_norm("norm1", self.dtype, self.weight_init)(x)
-    attn_out, logits = Attention(self.num_heads, self.dtype, self.attention_only,
-                                 self.attention_impl, self.qkv_bias, self.rel_pos_grid,
-                                 self.weight_init, self.index, name="attn")(
-                                     normed, bias, positions)
-    if self.attention_only:
-      return x, logits, normed
-    rngs = (None, None) if rng is None else tuple(jax.random.split(rng))
-    if keep is None:
-      drop = DropPath(self.drop_path)
-      branch = lambda y, key: drop(y, deterministic, key)
-    else:
-      branch = lambda y, key: y if deterministic else apply_drop_path(y, keep, key)
-    width = x.shape[-1]
-    if self.layer_scale is not None:
-      gammas = [self.param(f"gamma_{i}", nn.initializers.constant(self.layer_scale), (width,),
-                           PARAM_DTYPE).astype(self.dtype) for i in (1, 2)]
-    else:
-      gammas = [None, None]
-    scale = lambda y, gamma: y if gamma is None else y * gamma
-    x = x + branch(scale(attn_out, gammas[0]), rngs[0])
-    mlp = Mlp(int(width * self.mlp_ratio), self.dtype, self.weight_init, self.index, name="mlp")
-    x = x + branch(scale(mlp(layer_norm("norm2", self.dtype, self.weight_init)(x)), gammas[1]),
-                   rngs[1])
-    return x, logits, normed
-
-
-def block_class(remat: str, scanned: bool = False) -> type[Block]:
-  """`Block`, or `Block` under `nn.remat` with the named policy."""
-  if remat not in REMAT_POLICIES:
-    raise ValueError(f"remat={remat!r} is unknown; choose from {sorted(REMAT_POLICIES)}")
-  if REMAT_POLICIES[remat] is None:
-    return Block
-  # CSE prevention is only needed outside loops (jax.checkpoint's documentation).
-  return nn.remat(Block, policy=REMAT_POLICIES[remat], static_argnums=(2,),
-                  prevent_cse=not scanned)
-
-
-class PatchProjection(nn.Module):
-  """The linear map of each flattened patch (p*p*3 pixels, `patches` order) to a token.
-
-  Its params are those of `nn.Conv(width, (p, p), strides=p)` ('kernel' (p, p, 3,
-  width), 'bias'), the layout timm's `patch_embed.proj` converts to, applied as one
-  matmul to patches already cut out.
-  """
-  patch_size: int
-  width: int
-  dtype: Any = jnp.float32
-  weight_init: str = "mae"
-
-  @nn.compact
-  def __call__(self, patches: jax.Array) -> jax.Array:
-    kernel = self.param("kernel", patch_kernel_init(self.weight_init),
-                        (self.patch_size, self.patch_size, 3, self.width), PARAM_DTYPE)
-    bias = self.param("bias", patch_bias_init(self.weight_init, 3 * self.patch_size**2),
-                      (self.width,), PARAM_DTYPE)
-    kernel = kernel.reshape(-1, self.width).astype(self.dtype)
-    return matmul_last_axis(patches.astype(self.dtype), kernel) + bias.astype(self.dtype)
-
-
-class PatchEmbed(nn.Module):
-  """Non-overlapping patches -> tokens (B, L, width) in raster order, or (B, K, width)
-  for the patches `ids_keep` names, in its order.
-
-  Cutting the kept patches out before projecting them is the same function as
-  projecting every patch then dropping the masked ones (each token depends on its
-  own patch only) at 1 - mask_ratio of the cost, in the forward and the backward
-  pass; for a frozen ViT-B teacher on 224-px images the strided convolution over
-  all 196 patches was 5% of a D²-MAE step on the CPU.
-  """
-  patch_size: int
-  width: int
-  dtype: Any = jnp.float32
-  weight_init: str = "mae"
-
-  @nn.compact
-  def __call__(self, images: jax.Array, ids_keep: jax.Array | None = None) -> jax.Array:
-    patches = patchify(images, self.patch_size)
-    if ids_keep is not None:
-      patches = jnp.take_along_axis(patches, ids_keep[..., None], axis=1)
-    return PatchProjection(self.patch_size, self.width, self.dtype, self.weight_init,
-                           name="proj")(patches)
 
 
 class VisionTransformer(nn.Module):
