@@ -196,10 +196,11 @@ def arch_from_config(config: dict[str, Any], source: str = "") -> dict[str, Any]
 def _read_training_checkpoint(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
   """(params, arch) of the newest readable checkpoint of a run (or of one step dir)."""
 
-  def read(step_dir: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    return workdir.read_config(step_dir), workdir.read_params(step_dir)
+  def read(step_dir: str) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    return (workdir.read_meta(step_dir), workdir.read_config(step_dir),
+            workdir.read_params(step_dir))
 
-  step_dir, (config, params) = workdir.latest_readable(path, read)
+  step_dir, (meta, config, params) = workdir.latest_readable(path, read)
   if config.get("task") == "linear_probe":
     raise UserError(f"{step_dir!r} is a linear-probe run: its checkpoints hold the probe head "
                     f"and BatchNorm statistics only; its frozen encoder is "
