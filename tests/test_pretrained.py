@@ -90,3 +90,17 @@ def test_shapes_that_do_not_fit_are_an_error_listing_the_leaves():
     init_encoder_from(fresh_finetune_params(width=48), source)
   with pytest.raises(CheckpointMismatchError, match=r"blocks_2/.*missing from the source"):
     init_encoder_from(fresh_finetune_params(depth=3), source)
+
+
+@pytest.mark.parametrize("old_grid, new_grid", [(8, 4), (12, 14), (4, 16)])
+def test_relative_position_bias_resizes_as_timm(old_grid, new_grid):
+  torch = pytest.importorskip("torch")
+  from timm.layers import resize_rel_pos_bias_table  # pylint: disable=import-outside-toplevel
+  from mim_jax.convert.pretrained import resize_relative_position_bias  # pylint: disable=C0415
+  old_side, new_side = 2 * old_grid - 1, 2 * new_grid - 1
+  table = np.random.RandomState(0).randn(old_side**2 + 3, 6).astype(np.float32)
+  ours = resize_relative_position_bias(table, new_grid)
+  theirs = resize_rel_pos_bias_table(torch.from_numpy(table), new_window_size=(new_grid,) * 2,
+                                     new_bias_shape=(new_side**2 + 3, 6)).numpy()
+  np.testing.assert_allclose(ours, theirs, atol=1e-5)
+  np.testing.assert_array_equal(ours[-3:], table[-3:])  # the cls entries are kept

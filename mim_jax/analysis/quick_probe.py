@@ -11,6 +11,7 @@ meant for checks during and after pre-training, not for the paper's numbers
 from typing import Any
 
 import jax
+from flax import traverse_util
 import jax.numpy as jnp
 import numpy as np
 
@@ -27,9 +28,12 @@ def encoder_for(source: converted.Converted, image_size: int) -> tuple[Any, Any]
   # A pre-training input (the mask token), a head and D²-MAE's extra block are not layers.
   params = {k: v for k, v in source.params["encoder"].items()
             if not k.startswith("head") and k not in (f"blocks_{arch['depth']}", "mask_token")}
+  grid = image_size // arch["patch_size"]
   if "pos_embed" in params:
-    grid = image_size // arch["patch_size"]
     params["pos_embed"] = pretrained.resize_position_embedding(params["pos_embed"], grid)
+  params = traverse_util.path_aware_map(
+      lambda path, leaf: (pretrained.resize_relative_position_bias(np.asarray(leaf), grid)
+                          if path[-1] == pretrained.REL_POS_TABLE else leaf), params)
   return model, params
 
 

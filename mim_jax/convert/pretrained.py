@@ -11,7 +11,8 @@ fine-tuning load, made strict):
 * `head` and `fc_norm` (and `head` of another number of classes), which stay fresh;
 * `pos_embed`: taken from the source's learned table, or from the sin-cos table
   the source was pre-trained with, resized bicubically (PyTorch's kernel, as MAE's
-  `interpolate_pos_embed`) when the patch grid differs;
+  `interpolate_pos_embed`) when the patch grid differs; relative position bias tables
+  as timm / BEiT resize them (`resize_relative_position_bias`);
 * blocks at and after `keep_blocks` stay fresh (the layer-reservation experiment);
 * leaves a fine-tuning architecture adds to the pre-trained encoder stay fresh when
   the source lacks them, as MAE-Lite's non-strict load leaves them at their init:
@@ -102,6 +103,71 @@ def resize_position_embedding(table: np.ndarray, new_grid: int) -> np.ndarray:
   return np.concatenate([cls, grid], axis=1)
 
 
+REL_POS_TABLE = "relative_position_bias_table"
+REL_POS_EXTRA = 3  # cls->token, token->cls, cls->cls (BEiT's layout: after the grid's offsets)
+
+
+def _geometric_offsets(source_side: int, target_side: int) -> np.ndarray:
+  """Where BEiT puts a (source_side,) table's offsets on the target's axis: the central
+  ones at unit steps, the outer ones spread by a geometric progression whose ratio is
+  found by bisection (timm's `resize_rel_pos_bias_table`, after BEiT's fine-tuning)."""
+  left, right = 1.01, 1.5
+  while right - left > 1e-6:
+    ratio = (left + right) / 2.0
+    if (1.0 - ratio**(source_side // 2)) / (1.0 - ratio) > target_side // 2:
+      right = ratio
+    else:
+      left = ratio
+  distances, current = [], 1.0
+  for i in range(source_side // 2):
+    distances.append(current)
+    current += ratio**(i + 1)
+  return np.array([-d for d in reversed(distances)] + [0.0] + distances)
+
+
+def _linear_weights(points: np.ndarray, targets: np.ndarray) -> np.ndarray:
+  """(targets, points) weights of linear interpolation on an uneven grid, ends clamped
+  (timm's `RegularGridInterpolator`, one axis)."""
+  right = np.minimum(np.searchsorted(points, targets, side="left"), len(points) - 1)
+  left = np.clip(right - 1, 0, len(points) - 1)
+  to_left = np.maximum(targets - points[left], 0.0)
+  to_right = np.maximum(points[right] - targets, 0.0)
+  both_zero = (to_left == 0) & (to_right == 0)
+  to_left[both_zero] = to_right[both_zero] = 1.0
+  weights = np.zeros((len(targets), len(points)))
+  rows = np.arange(len(targets))
+  np.add.at(weights, (rows, left), to_right / (to_left + to_right))
+  np.add.at(weights, (rows, right), to_left / (to_left + to_right))
+  return weights
+
+
+def resize_relative_position_bias(table: np.ndarray, new_grid: int) -> np.ndarray:
+  """((2g-1)**2 + 3, heads) -> ((2n-1)**2 + 3, heads) for a patch grid of side n.
+
+  As timm's `resize_rel_pos_bias_table` (BEiT / SimMIM checkpoints at another
+  resolution): the source offsets are placed on the target axis by BEiT's geometric
+  progression and interpolated linearly per head; the three cls entries are kept.
+  """
+  offsets, extra = table[:-REL_POS_EXTRA], table[-REL_POS_EXTRA:]
+  old_side = int(round(offsets.shape[0]**0.5))
+  if old_side * old_side != offsets.shape[0] or old_side % 2 == 0:
+    raise CheckpointMismatchError(f"relative position bias table of {table.shape[0]} rows is "
+                                  f"not (2g-1)**2 + 3")
+  new_side = 2 * new_grid - 1
+  if old_side == new_side:
+    return table
+  weights = _linear_weights(_geometric_offsets(old_side, new_side),
+                            np.arange(-(new_side // 2), new_side // 2 + 0.1, 1.0))
+  grid = offsets.reshape(old_side, old_side, -1).astype(np.float64)
+  grid = np.einsum("yi,xj,ijh->yxh", weights, weights, grid)
+  return np.concatenate([grid.reshape(new_side * new_side, -1).astype(table.dtype), extra])
+
+
+def grid_of_table(table_shape: tuple[int, ...]) -> int:
+  """The patch grid side g of a ((2g-1)**2 + 3, heads) relative position bias table."""
+  return (int(round((table_shape[0] - REL_POS_EXTRA)**0.5)) + 1) // 2
+
+
 def source_position_embedding(source: Converted) -> np.ndarray:
   """The source's (1, 1 + L, d) table: learned, or the sin-cos it was trained with."""
   encoder = source.params["encoder"]
@@ -156,6 +222,14 @@ def init_encoder_from(fresh: dict[str, Any], source: Converted, *,
       report.loaded.append(name)
       if table.shape != value.shape:
         report.resized.append(f"pos_embed {table.shape} -> {value.shape} (bicubic)")
+    elif (name.endswith(REL_POS_TABLE) and name in given
+          and tuple(given[name].shape) != tuple(value.shape)):
+      table = np.asarray(given[name])
+      out[name] = resize_relative_position_bias(table, grid_of_table(value.shape)
+                                                ).astype(value.dtype)
+      report.loaded.append(name)
+      report.resized.append(f"{name} {table.shape} -> {value.shape} (BEiT's geometric "
+                            f"interpolation)")
     elif name not in given and name.rsplit("/", 1)[-1] in ADDED_LEAVES:
       out[name] = value
       report.fresh.append(f"{name} ({ADDED_LEAVES[name.rsplit('/', 1)[-1]]})")
