@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from mim_jax import masking
-from mim_jax.objectives import reconstruction
+from mim_jax.objectives import pixels
 
 
 def numpy_mask(noise, ratio):
@@ -69,9 +69,9 @@ def test_mask_ratio_outside_open_interval_is_an_error(ratio):
 
 def test_patchify_matches_reference_and_inverts():
   images = np.random.RandomState(1).randn(2, 32, 32, 3).astype(np.float32)
-  patches = reconstruction.patchify(jnp.asarray(images), 8)
+  patches = pixels.patchify(jnp.asarray(images), 8)
   np.testing.assert_array_equal(patches, numpy_patchify(images, 8))
-  np.testing.assert_array_equal(reconstruction.unpatchify(patches, 8), images)
+  np.testing.assert_array_equal(pixels.unpatchify(patches, 8), images)
 
 
 def test_loss_matches_reference_with_unbiased_variance():
@@ -79,7 +79,7 @@ def test_loss_matches_reference_with_unbiased_variance():
   target = rng.randn(3, 16, 48).astype(np.float32) * 2 + 1
   pred = rng.randn(3, 16, 48).astype(np.float32)
   _, _, mask = numpy_mask(rng.rand(3, 16), 0.75)
-  got = reconstruction.mae_loss(jnp.asarray(pred), jnp.asarray(target), jnp.asarray(mask))
+  got = pixels.mae_loss(jnp.asarray(pred), jnp.asarray(target), jnp.asarray(mask))
   np.testing.assert_allclose(got, numpy_loss(pred, target, mask), rtol=1e-5)
   # The biased variance would give a measurably different value: the test can tell.
   biased = ((target - target.mean(-1, keepdims=True)) /
@@ -93,10 +93,10 @@ def test_loss_ignores_visible_patches():
   target = jnp.asarray(rng.randn(1, 8, 12).astype(np.float32))
   pred = jnp.asarray(rng.randn(1, 8, 12).astype(np.float32))
   mask = jnp.asarray([[1, 0, 1, 0, 0, 1, 0, 0]], jnp.float32)
-  grads = jax.grad(lambda p: reconstruction.mae_loss(p, target, mask))(pred)
+  grads = jax.grad(lambda p: pixels.mae_loss(p, target, mask))(pred)
   assert np.all(np.asarray(grads)[0, mask[0] == 0] == 0)
   assert np.all(np.abs(np.asarray(grads)[0, mask[0] == 1]).sum(-1) > 0)
-  plain = reconstruction.mae_loss(pred, target, mask, norm_pix=False)
+  plain = pixels.mae_loss(pred, target, mask, norm_pix=False)
   np.testing.assert_allclose(
       plain, ((np.asarray(pred) - np.asarray(target)) ** 2).mean(-1)[0, [0, 2, 5]].mean(),
       rtol=1e-5)

@@ -36,7 +36,7 @@ from mim_jax.tasks.base import normalize_images
 MIN_BATCH = 4  # HSIC_u divides by n (n - 3)
 
 
-def compute_dtype() -> Any:
+def accumulation_dtype() -> Any:
   """float64 when jax_enable_x64 is on, else float32."""
   return jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
 
@@ -67,7 +67,7 @@ def gram_matrices(features: jax.Array, mask: jax.Array) -> jax.Array:
   """
   chex.assert_rank(mask, 1)
   chex.assert_equal(features.shape[1], mask.shape[0])
-  x = features.reshape(features.shape[0], features.shape[1], -1).astype(compute_dtype())
+  x = features.reshape(features.shape[0], features.shape[1], -1).astype(accumulation_dtype())
   weight = mask.astype(x.dtype)[None, :, None]
   mean = (x * weight).sum(axis=1, keepdims=True) / jnp.maximum(weight.sum(axis=1,
                                                                           keepdims=True), 1)

@@ -11,7 +11,7 @@ import numpy as np
 from mim_jax import masking
 from mim_jax.analysis import inputs
 from mim_jax.errors import UserError
-from mim_jax.objectives import reconstruction
+from mim_jax.objectives import pixels
 from mim_jax.tasks.base import denormalize_images, normalize_images
 from mim_jax.tasks.mae import mae_loss_terms
 
@@ -46,7 +46,7 @@ def reconstruct(autoencoder: inputs.LoadedAutoencoder, images: np.ndarray, *,
       mean = target.mean(-1, keepdims=True)
       std = jnp.sqrt(target.var(-1, keepdims=True, ddof=1) + 1e-6)
       pred = pred * std + mean
-    unpatch = lambda x: denormalize_images(reconstruction.unpatchify(x, patch_size))
+    unpatch = lambda x: denormalize_images(pixels.unpatchify(x, patch_size))
     return {"original": unpatch(target), "masked": unpatch(target * (1 - mask)),
             "reconstruction": unpatch(pred * mask + target * (1 - mask))}
 

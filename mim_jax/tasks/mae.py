@@ -27,7 +27,7 @@ from mim_jax.data.spec import DataSpec
 from mim_jax.errors import ConfigError
 from mim_jax.models import registry, scan
 from mim_jax.models.mae import MAEDecoder, MaskedAutoencoder
-from mim_jax.objectives import reconstruction
+from mim_jax.objectives import pixels
 from mim_jax.tasks.base import LossAux, Task, denormalize_images, normalize_images
 from mim_jax.tasks.distill import Distiller
 
@@ -123,8 +123,8 @@ def mae_loss_terms(model: MaskedAutoencoder, params: Any, images: jax.Array,
   variables = {"params": scan.apply_layout(autoencoder_params(params), model)}
   pred, encoded = model.apply(variables, images, mask.ids_keep, mask.ids_restore,
                               capture_layers=capture_layers)
-  target = reconstruction.patchify(images, model.encoder.patch_size)
-  loss = reconstruction.mae_loss(pred, target, mask.mask, norm_pix_loss)
+  target = pixels.patchify(images, model.encoder.patch_size)
+  loss = pixels.mae_loss(pred, target, mask.mask, norm_pix_loss)
   return loss, {"pred": pred, "mask": mask.mask, "ids_keep": mask.ids_keep, "target": target,
                 "encoded": encoded}
 
@@ -238,7 +238,7 @@ class MaeTask(Task):
       mean = target.mean(-1, keepdims=True)
       std = jnp.sqrt(target.var(-1, keepdims=True, ddof=1) + 1e-6)
       pred = pred * std + mean
-    unpatch = lambda x: denormalize_images(reconstruction.unpatchify(x, self.patch_size))
+    unpatch = lambda x: denormalize_images(pixels.unpatchify(x, self.patch_size))
     return {
         "original": unpatch(target),
         "masked": unpatch(target * (1 - mask)),
