@@ -276,7 +276,7 @@ def check_torch_round_trip_in_the_bucket(run):
   state_dict = torch.load(bytes_io.BytesIO(io.read_bytes(exported)), weights_only=True)
   params = load_converted(run).params
   np.testing.assert_array_equal(state_dict["patch_embed.proj.bias"].numpy(),
-                                params["encoder"]["patch_embed"]["bias"])
+                                params["encoder"]["patch_embed"]["proj"]["bias"])
   converted = f"gs://{BUCKET}/export/mae_back.npz"
   torch_io.convert_from_torch(exported, converted, num_heads=4)
   back = load_converted(converted).params["encoder"]
@@ -284,7 +284,7 @@ def check_torch_round_trip_in_the_bucket(run):
     del name
     assert np.isfinite(leaf).all()
   np.testing.assert_array_equal(back["patch_embed"]["bias"],
-                                params["encoder"]["patch_embed"]["bias"])
+                                params["encoder"]["patch_embed"]["proj"]["bias"])
 
 
 def test_io_on_the_bucket(gcs):
@@ -331,7 +331,8 @@ def one_line_exit_2(capsys, action):
   assert exit_info.value.code == 2
   # TFDS's progress bars (the demo set built on first use) are not part of the message.
   lines = [line for line in capsys.readouterr().err.splitlines()
-           if line.strip() and not line.startswith(("Generating ", "Shuffling "))]
+           if line.strip() and "\x1b[" not in line
+           and not line.startswith(("Generating ", "Shuffling "))]
   assert len(lines) == 1 and lines[0].startswith("error: "), lines
   return lines[0]
 

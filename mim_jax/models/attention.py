@@ -66,6 +66,7 @@ def bias_from_table(table: jax.Array, grid: int, positions: jax.Array | None = N
   cls) when patches were dropped (MAE masking); None = every token in order.
   """
   index = jnp.asarray(relative_position_index(grid))
+  table = jnp.asarray(table)  # params read from a file are numpy arrays
   if positions is None:
     bias = table[index][None]  # (1, N, N, heads)
   else:
