@@ -16,7 +16,8 @@ methods of the MAE-Lite study (the reference config runs 300, the paper 1600):
     lr 2e-4 per 256 images, linear warm-up from 1e-6 over 30 epochs, cosine to 1e-6.
 
 ImageNet (TFDS array_record, prepared once):
-  python -m mim_jax.train --config configs/maskfeat_vit_tiny.py --workdir gs://BUCKET/maskfeat_tiny \
+  python -m mim_jax.train --config configs/maskfeat_vit_tiny.py \
+      --workdir gs://BUCKET/maskfeat_tiny \
       --config.data.data_dir=gs://BUCKET/tensorflow_datasets
 
 Laptop demo on the embedded photographs (64 px, patch 8 = one HOG cell, 200 steps):

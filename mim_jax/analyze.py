@@ -1,4 +1,5 @@
-r"""Analyses of trained models (docs/methods.md §8): CKA, attention distance/entropy, reconstructions.
+r"""Analyses of trained models (docs/methods.md §8): CKA, attention distance/entropy,
+reconstructions.
 
   python -m mim_jax.analyze cka --model_a=RUN_OR_NPZ --model_b=RUN_OR_NPZ --out=DIR \
       [--name_a=MAE --name_b=D2MAE --layers_a=0,4,8,12 --num_batches=3 --batch_size=64]

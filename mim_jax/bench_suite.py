@@ -252,7 +252,8 @@ def torch_available() -> bool:
 def run_suite(size: str = "recipe", batch: int | None = None, steps: int | None = None,
               models: Sequence[str] = MODELS, dtypes: Sequence[str] = DTYPES,
               frameworks: Sequence[str] = FRAMEWORKS, row_timeout_s: float = 600,
-              isolate: bool | None = None, verbose: bool = False) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+              isolate: bool | None = None, verbose: bool = False
+              ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
   """(device description, rows): every model x dtype x framework that this machine can run.
 
   `batch` is per device (default: 256 on an accelerator, 8 on the CPU, 2 at size 'tiny');

@@ -194,7 +194,8 @@ def parse_stages(names: Sequence[str]) -> tuple[str, ...]:
 
 def run_demo(teacher_config: ml_collections.ConfigDict, workdir: str, *,
              student_width: int = 96, student_heads: int = 6, finetune_steps: int = 100,
-             probe_steps: int = 100, stages: tuple[str, ...] = STAGES) -> dict[str, dict[str, float]]:
+             probe_steps: int = 100, stages: tuple[str, ...] = STAGES
+             ) -> dict[str, dict[str, float]]:
   """Runs the stages asked for and returns each one's last logged metrics and figure."""
   stages = parse_stages(stages)
   config_checks.check_workdir(workdir)

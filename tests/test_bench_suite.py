@@ -75,7 +75,8 @@ def test_suite_runs_on_this_cpu():
     if row["framework"] == "jax":
       # The compiled program holds at least the params and AdamW's two moments.
       config = bench_suite.suite_config(row["model"], "float32", "tiny", row["batch"])
-      params = count_params(jax.eval_shape(bench_suite._task(config).init_params,  # pylint: disable=protected-access
+      task = bench_suite._task(config)  # pylint: disable=protected-access
+      params = count_params(jax.eval_shape(task.init_params,
                                            jax.random.PRNGKey(0)))
       assert row["peak_source"] == "compiled" and row["peak_mib"] * 2**20 > 3 * 4 * params
   table = bench_suite.format_table(device, rows)

@@ -1,4 +1,5 @@
-"""Layer-wise representation similarity: mini-batch CKA with the unbiased HSIC (docs/methods.md §8).
+"""Layer-wise representation similarity: mini-batch CKA with the unbiased HSIC
+(docs/methods.md §8).
 
 For every layer a of model A and b of model B (layer 0 = patch embedding, layer k =
 block k's output after block k+1's LN1, the last after the final norm), each batch

@@ -51,7 +51,8 @@ def test_demo_reads_back_through_tfds(demo_dir: str, split: str):
   assert labels.min() == 0 and labels.max() == len(sources.DEMO_CLASSES) - 1
   assert np.bincount(labels).tolist() == [len(source) // len(sources.DEMO_CLASSES)] * 10
   record = source[7]
-  assert isinstance(record["image"], bytes) and record["image"][:2] == b"\xff\xd8"  # JPEG, undecoded.
+  # JPEG, undecoded.
+  assert isinstance(record["image"], bytes) and record["image"][:2] == b"\xff\xd8"
   assert isinstance(record["label"], int)
 
 
@@ -79,7 +80,8 @@ def test_demo_images_are_crops_of_their_labelled_photo(demo_dir: str):
 
 
 def test_demo_never_imports_tensorflow(demo_dir: str):
-  sources.get_source(_demo_config(demo_dir), "validation")[0]  # pylint: disable=expression-not-assigned
+  # pylint: disable-next=expression-not-assigned
+  sources.get_source(_demo_config(demo_dir), "validation")[0]
   assert "tensorflow" not in sys.modules
 
 
