@@ -283,7 +283,7 @@ def check_torch_round_trip_in_the_bucket(run):
   for name, leaf in jax.tree_util.tree_leaves_with_path(back):
     del name
     assert np.isfinite(leaf).all()
-  np.testing.assert_array_equal(back["patch_embed"]["bias"],
+  np.testing.assert_array_equal(back["patch_embed"]["proj"]["bias"],
                                 params["encoder"]["patch_embed"]["proj"]["bias"])
 
 
