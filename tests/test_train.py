@@ -77,7 +77,9 @@ def uninterrupted_fixture(tmp_path_factory, demo_dir):
 def test_kill_9_then_resume_equals_uninterrupted(tmp_path, demo_dir, uninterrupted):
   assert sorted(uninterrupted) == list(range(1, 9))
   workdir = str(tmp_path)
-  proc = subprocess.Popen(train_command(workdir, demo_dir), env=subprocess_env(),
+  # A figure at every step (it reads the state, never changes it) keeps the run going long
+  # enough to be stopped in the middle however fast the machine is.
+  proc = subprocess.Popen(train_command(workdir, demo_dir, image_every=1), env=subprocess_env(),
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   wait_for_logged_steps(proc, workdir, 5)
   proc.send_signal(signal.SIGKILL)
@@ -86,8 +88,8 @@ def test_kill_9_then_resume_equals_uninterrupted(tmp_path, demo_dir, uninterrupt
   assert killed_at < 8, "the run finished before it could be killed"
   # What a kill -9 in the middle of a save leaves behind: an unfinished temporary step.
   os.makedirs(os.path.join(workdir, "checkpoints", "7.orbax-checkpoint-tmp", "state"))
-  subprocess.run(train_command(workdir, demo_dir), check=True, env=subprocess_env(),
-                 capture_output=True)
+  subprocess.run(train_command(workdir, demo_dir, image_every=1), check=True,
+                 env=subprocess_env(), capture_output=True)
   resumed = read_losses(workdir)
   assert sorted(resumed) == list(range(1, 9))
   for step in range(1, 9):
@@ -97,7 +99,7 @@ def test_kill_9_then_resume_equals_uninterrupted(tmp_path, demo_dir, uninterrupt
 @pytest.mark.slow
 def test_sigterm_saves_and_exits_cleanly_then_resumes(tmp_path, demo_dir, uninterrupted):
   workdir = str(tmp_path)
-  proc = subprocess.Popen(train_command(workdir, demo_dir, checkpoint_every=100),
+  proc = subprocess.Popen(train_command(workdir, demo_dir, checkpoint_every=100, image_every=1),
                           env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True)
   wait_for_logged_steps(proc, workdir, 3)
@@ -108,7 +110,7 @@ def test_sigterm_saves_and_exits_cleanly_then_resumes(tmp_path, demo_dir, uninte
   stopped_at = max(read_losses(workdir))
   assert stopped_at < 8
   assert os.path.isdir(os.path.join(workdir, "checkpoints", str(stopped_at)))
-  subprocess.run(train_command(workdir, demo_dir, checkpoint_every=100), check=True,
+  subprocess.run(train_command(workdir, demo_dir, checkpoint_every=100, image_every=1), check=True,
                  env=subprocess_env(), capture_output=True)
   resumed = read_losses(workdir)
   for step in range(1, 9):
