@@ -42,14 +42,20 @@ def _state_dict(model) -> dict[str, np.ndarray]:
   return {k: v.numpy() for k, v in model.state_dict().items()}
 
 
-def _compare_logits(model, name: str, images: np.ndarray) -> None:
+def _logits(model, name: str, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """(ours, timm's) logits of `images` with the timm model's weights imported."""
   variables = regnet_torch.params_from_timm_state_dict(_state_dict(model), name)
   logits = jax.jit(regnet.regnet(name).apply)(variables, images)
   with torch.no_grad():
     expected = model(torch.from_numpy(images.transpose(0, 3, 1, 2))).numpy()
-  assert logits.dtype == np.float32 and logits.shape == expected.shape
-  assert np.abs(expected).max() > 1.0  # logits of a size where 1e-4 means something
-  np.testing.assert_allclose(np.asarray(logits), expected, rtol=0, atol=ATOL)
+  assert logits.dtype == np.float32
+  return np.asarray(logits), expected
+
+
+def _assert_logits_match(ours: np.ndarray, theirs: np.ndarray) -> None:
+  assert ours.shape == theirs.shape
+  assert np.abs(theirs).max() > 1.0  # logits of a size where 1e-4 means something
+  np.testing.assert_allclose(ours, theirs, rtol=0, atol=ATOL)
 
 
 @pytest.fixture(scope="module")
@@ -81,15 +87,21 @@ def test_stage_specs_match_timm():
 
 def test_small_regnety_logits_match_timm(small):
   images = np.random.default_rng(0).standard_normal((3, 224, 224, 3)).astype(np.float32)
-  _compare_logits(small, "regnety_002", images)
+  ours, theirs = _logits(small, "regnety_002", images)
+  assert ours.shape == (3, 1000)
+  _assert_logits_match(ours, theirs)
   one = np.random.default_rng(1).standard_normal((1, 64, 64, 3)).astype(np.float32)
-  _compare_logits(small, "regnety_002", one)
+  ours, theirs = _logits(small, "regnety_002", one)
+  assert ours.shape == (1, 1000)
+  _assert_logits_match(ours, theirs)
 
 
 def test_regnety_160_logits_match_timm():
   """DeiT's / MAE-Lite's teacher, 84M params: one batch of 2 images at 224 px."""
   images = np.random.default_rng(2).standard_normal((2, 224, 224, 3)).astype(np.float32)
-  _compare_logits(_timm_model("regnety_160", seed=1), "regnety_160", images)
+  ours, theirs = _logits(_timm_model("regnety_160", seed=1), "regnety_160", images)
+  assert ours.shape == (2, 1000)
+  _assert_logits_match(ours, theirs)
 
 
 # Four one-block stages of widths 8, 24, 40, 64: a custom config, cheap to compile.
