@@ -2,6 +2,7 @@
 cache shared by the whole run (both xdist workers and the CLI subprocesses the tests
 start: many tests compile the same tiny models), and absl flags parsed."""
 
+import importlib.util
 import os
 import tempfile
 
@@ -19,6 +20,30 @@ if not flags.FLAGS.is_parsed():
   flags.FLAGS.mark_as_parsed()
 
 import pytest  # noqa: E402
+
+CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def shipped_config(file_name, arg=None):
+  """configs/<file_name>'s get_config(arg)."""
+  spec = importlib.util.spec_from_file_location(
+      file_name[:-len(".py")], os.path.join(CONFIGS_DIR, file_name))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def tiny_cli_flags(demo_dir, **overrides):
+  """`--config.key=value` flags turning configs/mae_vit_tiny.py:demo into a tiny run (a
+  2-block, 32-wide ViT on 32-px demo images, 8 steps); `overrides` replace any value."""
+  values = dict(image_size=32, batch_size=16, total_steps=8, warmup_steps=2, log_every=1,
+                checkpoint_every=2, image_every=0, **{
+                    "model.variant": "", "model.patch_size": 8, "model.width": 32,
+                    "model.depth": 2, "model.num_heads": 4, "mae.decoder.width": 16,
+                    "mae.decoder.num_heads": 2, "data.worker_count": 1,
+                    "data.data_dir": demo_dir})
+  values.update(overrides)
+  return [f"--config.{k}={v}" for k, v in values.items()]
 
 
 def tiny_config():

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import tiny_config
+from conftest import tiny_cli_flags, tiny_config
 from mim_jax import workdir as layout
 from mim_jax.convert import load_converted
 from mim_jax.errors import CheckpointMismatchError, TrainingDivergedError
@@ -284,14 +284,9 @@ def test_a_resumed_writer_drops_the_records_it_repeats(tmp_path):
 # Ctrl-C
 # ----------------------------------------------------------------------------
 def cli_flags(demo_dir, **overrides):
-  values = dict(image_size=32, batch_size=16, total_steps=10_000, warmup_steps=2, log_every=1,
-                checkpoint_every=10_000, image_every=0, **{
-                    "model.variant": "", "model.patch_size": 8, "model.width": 32,
-                    "model.depth": 2, "model.num_heads": 4, "mae.decoder.width": 16,
-                    "mae.decoder.num_heads": 2, "data.worker_count": 1,
-                    "data.data_dir": demo_dir})
-  values.update(overrides)
-  return [f"--config.{k}={v}" for k, v in values.items()]
+  """A tiny run long enough to be interrupted (no checkpoint before it is)."""
+  return tiny_cli_flags(demo_dir, **{"total_steps": 10_000, "checkpoint_every": 10_000,
+                                     **overrides})
 
 
 @pytest.mark.slow

@@ -4,7 +4,6 @@ heads against MAE-Lite's distilled ViT and timm's `VisionTransformerDistilled`, 
 teacher from a timm state_dict, sharded == single device, resume == uninterrupted, and bad
 input."""
 
-import importlib.util
 import json
 import os
 import shutil
@@ -14,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import shipped_config
 from mim_jax.convert import load_converted, save_converted, torch_format
 from mim_jax.data import random_erasing
 from mim_jax.errors import ConfigError
@@ -24,15 +24,8 @@ from mim_jax.tasks.registry import build_task
 from mim_jax.trainer import loop, sharding
 from mim_jax.trainer.tree import flatten_with_names
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
 def finetune_config(arg):
-  spec = importlib.util.spec_from_file_location(
-      "finetune_config", os.path.join(REPO, "configs", "finetune_vit_tiny.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return shipped_config("finetune_vit_tiny.py", arg)
 
 
 def perturbed(params, seed):

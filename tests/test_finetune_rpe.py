@@ -3,14 +3,12 @@ and outputs against a float64 torch transcription of the official model on fixed
 export to timm's Beit (strict) or the official layout, the layer-decay and weight-decay
 groups against the official assignment, and loading a pre-trained encoder into it."""
 
-import importlib.util
-import os
 
 import jax
 import numpy as np
 import pytest
 
-from conftest import tiny_config
+from conftest import shipped_config, tiny_config
 from mim_jax.convert import (Converted, arch_from_config, content_hash, load_converted,
                              save_converted, torch_io, vit_rpe_torch)
 from mim_jax.convert.pretrained import init_encoder_from
@@ -20,15 +18,8 @@ from mim_jax.tasks.registry import build_task
 from mim_jax.trainer import optim
 from mim_jax.trainer.tree import flatten_with_names
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
 def finetune_config(arg):
-  spec = importlib.util.spec_from_file_location(
-      "finetune_config", os.path.join(REPO, "configs", "finetune_vit_tiny.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return shipped_config("finetune_vit_tiny.py", arg)
 
 
 def rpe_config(**model):

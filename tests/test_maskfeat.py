@@ -3,28 +3,20 @@ MaskFeat (`MaskMViT._maskfeat_forward`, `MSSeparateHead`, `MultipleMSELoss`) wit
 the block-wise generator, HOG targets from a transcription of `HOGLayerC`; layout and bad
 input."""
 
-import importlib.util
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import shipped_config
 from mim_jax.errors import ConfigError
 from mim_jax.tasks.registry import build_task
 from mim_jax.trainer.tree import flatten_with_names
 from test_hog import torch_maskfeat_targets
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
 def load_config(arg):
-  spec = importlib.util.spec_from_file_location(
-      "maskfeat_config", os.path.join(REPO, "configs", "maskfeat_vit_tiny.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return shipped_config("maskfeat_vit_tiny.py", arg)
 
 
 def maskfeat_config(arg="demo"):

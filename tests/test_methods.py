@@ -2,7 +2,6 @@
 step, and a run resumed from a checkpoint equals the uninterrupted run (SimMIM, MaskFeat;
 MAE and D²-MAE have their own in test_sharding.py and test_train.py)."""
 
-import importlib.util
 import json
 import os
 import shutil
@@ -11,20 +10,16 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import shipped_config
 from mim_jax.tasks.registry import build_task
 from mim_jax.trainer import loop, sharding
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METHODS = ("simmim", "maskfeat")
 
 
 def method_config(method, data_dir=None):
   """configs/<method>_vit_tiny.py:demo with a 2-block, 32-wide ViT on 32-px images."""
-  spec = importlib.util.spec_from_file_location(
-      f"{method}_config", os.path.join(REPO, "configs", f"{method}_vit_tiny.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config("demo")
+  config = shipped_config(f"{method}_vit_tiny.py", "demo")
   config.image_size = 32
   config.model.update(variant="", width=32, depth=2, num_heads=4, patch_size=8)
   if method == "simmim":

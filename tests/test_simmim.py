@@ -1,28 +1,20 @@
 """SimMIM: loss and gradients against a float64 torch transcription of microsoft/SimMIM
 (`VisionTransformerForSimMIM`, `SimMIM`, `MaskGenerator`), the schedule, and bad input."""
 
-import importlib.util
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import shipped_config
 from mim_jax.errors import ConfigError
 from mim_jax.tasks.registry import build_task
 from mim_jax.trainer import optim
 from mim_jax.trainer.tree import flatten_with_names
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
 def simmim_config(arg="demo"):
-  spec = importlib.util.spec_from_file_location(
-      "simmim_config", os.path.join(REPO, "configs", "simmim_vit_tiny.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config(arg)
+  config = shipped_config("simmim_vit_tiny.py", arg)
   config.image_size = 32
   config.model.update(variant="", width=32, depth=2, num_heads=4, patch_size=8)
   config.simmim.mask_patch_size = 16  # a 2x2 grid of mask patches, each 2x2 model patches

@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from conftest import tiny_cli_flags
 from mim_jax.errors import CheckpointMismatchError, ConfigError, TrainingDivergedError
 from mim_jax.tasks.registry import build_task
 from mim_jax.trainer import loop
@@ -17,21 +18,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "configs", "mae_vit_tiny.py")
 
 
-def tiny_flags(demo_dir, **overrides):
-  """CLI overrides turning the demo config into conftest's tiny one."""
-  values = dict(image_size=32, batch_size=16, total_steps=8, warmup_steps=2, log_every=1,
-                checkpoint_every=2, image_every=0, **{
-                    "model.variant": "", "model.patch_size": 8, "model.width": 32,
-                    "model.depth": 2, "model.num_heads": 4, "mae.decoder.width": 16,
-                    "mae.decoder.num_heads": 2, "data.worker_count": 1,
-                    "data.data_dir": demo_dir})
-  values.update(overrides)
-  return [f"--config.{k}={v}" for k, v in values.items()]
-
-
 def train_command(workdir, demo_dir, **overrides):
   return [sys.executable, "-m", "mim_jax.train", f"--config={CONFIG}:demo",
-          f"--workdir={workdir}"] + tiny_flags(demo_dir, **overrides)
+          f"--workdir={workdir}"] + tiny_cli_flags(demo_dir, **overrides)
 
 
 def subprocess_env():
