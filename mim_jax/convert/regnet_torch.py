@@ -129,12 +129,6 @@ def params_from_timm_state_dict(state_dict: dict[str, Any], arch: str | RegNetCo
   return variables
 
 
-def _jax_shape(entry: Entry) -> tuple[int, ...]:
-  if entry.kind == "conv":
-    return tuple(entry.shape[i] for i in (2, 3, 1, 0))
-  return tuple(reversed(entry.shape)) if entry.kind == "linear" else entry.shape
-
-
 def _leaves(tree: Any, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
   if not isinstance(tree, dict) and not hasattr(tree, "items"):
     return {prefix: tree}
@@ -152,7 +146,7 @@ def timm_state_dict_from_params(variables: dict[str, Any], arch: str | RegNetCon
   table = entries(arch, num_classes)
   leaves = _leaves({name: variables.get(name, {}) for name in COLLECTIONS})
   problems = shape_problems({"/".join(p): tuple(np.shape(v)) for p, v in leaves.items()},
-                            {"/".join(e.path): _jax_shape(e) for e in table})
+                            {"/".join(e.path): e.jax_shape for e in table})
   if problems:
     raise UserError(f"the variables are not {_describe(arch, num_classes)}: "
                     f"{_report(problems, 'variables')}")

@@ -312,18 +312,10 @@ def has_fc_norm(params: dict[str, Any]) -> bool:
   return _get(params, ("encoder", "fc_norm")) is not None
 
 
-def _jax_shape(entry: Entry) -> tuple[int, ...]:
-  if entry.kind == "linear":
-    return tuple(reversed(entry.shape))
-  if entry.kind == "conv":
-    return tuple(entry.shape[i] for i in (2, 3, 1, 0))
-  return entry.shape
-
-
 def _check_params(params: dict[str, Any], entries: list[Entry], arch: dict[str, Any],
                   include_decoder: bool) -> None:
   """Every expected leaf present with its shape; nothing unknown in encoder (or decoder)."""
-  expected = {e.path: _jax_shape(e) for e in entries}
+  expected = {e.path: e.jax_shape for e in entries}
   if arch["posemb"] == "learn":
     grid = grid_size(arch)
     expected[("encoder", "pos_embed")] = (1, 1 + grid * grid, arch["width"])

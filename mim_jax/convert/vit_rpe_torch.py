@@ -132,14 +132,6 @@ def index_buffers(arch: dict[str, Any]) -> dict[str, np.ndarray]:
   return {}
 
 
-def _jax_shape(entry: Entry) -> tuple[int, ...]:
-  if entry.kind == "linear":
-    return tuple(reversed(entry.shape))
-  if entry.kind == "conv":
-    return tuple(entry.shape[i] for i in (2, 3, 1, 0))
-  return entry.shape
-
-
 def _leaves(tree: Any, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
   if not hasattr(tree, "items"):
     return {prefix: tree}
@@ -164,7 +156,7 @@ def state_dict_from_params(params: dict[str, Any], arch: dict[str, Any]
   table = entries(arch, fc_norm=fc_norm)
   extra = f"blocks_{arch['depth']}" if arch.get("extra_attention_block") else None
   found = {"/".join(p): tuple(np.shape(v)) for p, v in _leaves(encoder, ("encoder",)).items()}
-  expected = {"/".join(e.path): _jax_shape(e) for e in table}
+  expected = {"/".join(e.path): e.jax_shape for e in table}
   if arch["posemb"] == "sincos":  # a constant in mim_jax, a learned table in torch
     expected.pop("encoder/pos_embed", None)
   problems = shape_problems(found, expected,

@@ -47,6 +47,15 @@ class Entry:
   shape: tuple[int, ...]  # torch shape
   kind: str = "copy"  # 'copy', 'linear' (weight.T) or 'conv' ((d,3,p,p) <-> (p,p,3,d))
 
+  @property
+  def jax_shape(self) -> tuple[int, ...]:
+    """The mim_jax leaf's shape."""
+    if self.kind == "linear":
+      return tuple(reversed(self.shape))
+    if self.kind == "conv":
+      return tuple(self.shape[i] for i in (2, 3, 1, 0))
+    return self.shape
+
 
 @dataclasses.dataclass(frozen=True)
 class ImportResult:
