@@ -32,8 +32,8 @@ def encoder_for(source: converted.Converted, image_size: int) -> tuple[Any, Any]
   if "pos_embed" in params:
     params["pos_embed"] = pretrained.resize_position_embedding(params["pos_embed"], grid)
   params = traverse_util.path_aware_map(
-      lambda path, leaf: (jnp.asarray(pretrained.resize_relative_position_bias(
-          np.asarray(leaf), grid)) if path[-1] == pretrained.REL_POS_TABLE else leaf), params)
+      lambda path, leaf: (pretrained.resize_relative_position_bias(np.asarray(leaf), grid)
+                          if path[-1] == pretrained.REL_POS_TABLE else leaf), params)
   return model, params
 
 
