@@ -12,6 +12,7 @@ r"""Benchmarks: the jitted train step on synthetic on-device data, or the input 
       --config.model.dtype=bfloat16 --peak_tflops=989 --torch --torch_device=cuda  # H100
   python -m mim_jax.bench --config configs/d2mae_vit_tiny.py --config.batch_size=64 \
       --breakdown --profile_dir=/tmp/d2mae_profile
+  python -m mim_jax.bench --config configs/mae_vit_tiny.py --config.batch_size=64 --ops
 
 Distillation configs without --config.distill.teacher time a randomly initialised
 teacher of `distill.teacher_variant` (the speed does not depend on the weights).
@@ -36,7 +37,10 @@ its gradient (their difference is the backward pass), for distillation the
 teacher's forward alone, and the optimizer update alone
 (`mim_jax/step_breakdown.py`). --profile_dir writes a
 `jax.profiler` trace of the timed steps (TensorBoard's profile plugin / xprof, or
-the `*.trace.json.gz` in https://ui.perfetto.dev).
+the `*.trace.json.gz` in https://ui.perfetto.dev). --ops times every matrix
+product of the compiled step alone, JAX against PyTorch on the same shapes and
+dimension numbers (`mim_jax/bench_ops.py`): how much of the step the matrix
+library takes, and how much of a gap to PyTorch it explains.
 """
 
 import contextlib
@@ -67,6 +71,9 @@ _TORCH_DEVICE = flags.DEFINE_enum("torch_device", "cpu", ["cpu", "cuda"],
                                   "Where --torch runs the PyTorch step.")
 _BREAKDOWN = flags.DEFINE_bool("breakdown", False,
                                "Also time the forward, backward, teacher and optimizer alone.")
+_OPS = flags.DEFINE_bool(
+    "ops", False, "Also time each matrix product of the compiled step alone, JAX against "
+    "PyTorch on the same shapes (`mim_jax/bench_ops.py`; PyTorch with the torch extra).")
 _PROFILE_DIR = flags.DEFINE_string("profile_dir", None,
                                    "Write a jax.profiler trace of the timed steps here.")
 
@@ -149,7 +156,8 @@ def synthetic_batch(task, batch_size: int, config) -> dict[str, np.ndarray]:
   return batch
 
 
-def bench_step(config) -> dict[str, float]:
+def bench_step(config) -> tuple[dict[str, float], Any]:
+  """Times the jitted train step; the results and the compiled step."""
   task = bench_task(config)
   mesh = sharding.mesh_from_config(config.mesh)
   sharding.check_batch_size(config.batch_size, mesh)
@@ -188,12 +196,25 @@ def bench_step(config) -> dict[str, float]:
     result["mfu_percent"] = 100 * result["model_tflops_per_sec"] / _PEAK.value
   if _BREAKDOWN.value:
     result.update(breakdown(task, tx, current["state"], frozen, batch, step_s, _STEPS.value))
-  return result
+  return result, compiled
 
 
 def print_result(result: dict[str, Any]) -> None:
   for key, value in result.items():
     print(f"  {key:28s} {value:.4g}" if isinstance(value, float) else f"  {key:28s} {value}")
+
+
+def print_products(compiled, step_ms: float) -> None:
+  from mim_jax import bench_ops  # pylint: disable=g-import-not-at-top
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+    with_torch = True
+    threads = f", PyTorch with {torch.get_num_threads()} threads"
+  except ImportError:
+    with_torch, threads = False, " (PyTorch not installed: JAX only)"
+  print(f"the step's matrix products one by one{threads}:", flush=True)
+  result = bench_ops.compare(compiled.as_text(), _STEPS.value, with_torch)
+  print(bench_ops.format_table(result, step_ms))
 
 
 PRETRAINING_TASKS = ("mae", "dmae", "d2mae")
@@ -209,7 +230,7 @@ def check_flags(config) -> None:
   if _TORCH_DEVICE.present and not _TORCH.value:
     raise UserError(f"--torch_device={_TORCH_DEVICE.value} needs --torch (it says where the "
                     f"PyTorch step runs)")
-  step_only = {"torch": _TORCH.value, "breakdown": _BREAKDOWN.value,
+  step_only = {"torch": _TORCH.value, "breakdown": _BREAKDOWN.value, "ops": _OPS.value,
                "peak_tflops": _PEAK.value is not None, "profile_dir": _PROFILE_DIR.value}
   if _DATA.value:
     given = [f"--{name}" for name, value in step_only.items() if value]
@@ -248,7 +269,11 @@ def main(argv):
       if not _DATA.value:
         raise ConfigError("--make_folder times the input pipeline: add --data.")
       bench_data.use_folder(config, _MAKE_FOLDER.value)
-    result = bench_data.bench_data(config, _STEPS.value) if _DATA.value else bench_step(config)
+    compiled = None
+    if _DATA.value:
+      result = bench_data.bench_data(config, _STEPS.value)
+    else:
+      result, compiled = bench_step(config)
     kind = "input pipeline" if _DATA.value else f"train step ({config.task})"
     print(f"{kind} on {jax.devices()[0].device_kind} x{jax.device_count()}:")
     print_result(result)
@@ -256,6 +281,8 @@ def main(argv):
       from mim_jax import bench_torch  # pylint: disable=g-import-not-at-top
       print(f"the same step in PyTorch + timm on {_TORCH_DEVICE.value}:")
       print_result(bench_torch.bench(config, _STEPS.value, _TORCH_DEVICE.value))
+    if _OPS.value:
+      print_products(compiled, result["step_ms"])
 
   cli.run_reporting_user_errors(run)
 
