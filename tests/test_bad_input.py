@@ -148,6 +148,7 @@ ROWS = (
         ("--config={configs}/finetune_vit_tiny.py:demo", "--steps=1", "--torch"),
         "task='finetune'"),
     Row("bench_breakdown_with_data", "bench", (*BENCH, "--data", "--breakdown"), "--breakdown"),
+    Row("bench_ops_with_data", "bench", (*BENCH, "--data", "--ops"), "--ops"),
     Row("bench_profile_dir_is_a_file", "bench", (*BENCH, "--profile_dir={file}"),
         "--profile_dir={file} is a file"),
     Row("bench_positional_argument", "bench", (*BENCH, "extra"), "'extra'"),
