@@ -206,14 +206,15 @@ def print_result(result: dict[str, Any]) -> None:
 
 def print_products(compiled, step_ms: float) -> None:
   from mim_jax import bench_ops  # pylint: disable=g-import-not-at-top
-  try:
+  torch_device = bench_ops.torch_device_for_jax()
+  if torch_device is None:
+    print("the step's matrix products one by one (JAX only: no PyTorch for this device):")
+  else:
     import torch  # pylint: disable=g-import-not-at-top
-    with_torch = True
-    threads = f", PyTorch with {torch.get_num_threads()} threads"
-  except ImportError:
-    with_torch, threads = False, " (PyTorch not installed: JAX only)"
-  print(f"the step's matrix products one by one{threads}:", flush=True)
-  result = bench_ops.compare(compiled.as_text(), _STEPS.value, with_torch)
+    threads = f", {torch.get_num_threads()} threads" if torch_device == "cpu" else ""
+    print(f"the step's matrix products one by one, and in PyTorch on {torch_device}{threads}:",
+          flush=True)
+  result = bench_ops.compare(compiled.as_text(), _STEPS.value, torch_device)
   print(bench_ops.format_table(result, step_ms))
 
 

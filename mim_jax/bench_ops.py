@@ -3,8 +3,8 @@
 Used by `python -m mim_jax.bench --ops`. Each `dot` of the step's optimized XLA
 program (forward, backward, teacher, optimizer: everything the step runs) is
 re-timed alone, with its own operand shapes and dimension numbers, as a jitted
-`lax.dot_general` and as the same `torch.einsum` (PyTorch's CPU BLAS, MKL or
-oneDNN). Summed over the step (identical products timed once, counted as often as
+`lax.dot_general` and as the same `torch.einsum` on the matching device (the CPU:
+PyTorch's BLAS; a GPU: cuBLAS; a TPU has no PyTorch column). Summed over the step (identical products timed once, counted as often as
 the program runs them) this says how much of the step the products take and how
 much of a gap to a PyTorch step the matrix library alone explains.
 
@@ -160,26 +160,48 @@ def time_jax(product: Product, steps: int) -> float:
   return median_seconds(lambda: dot(lhs, rhs), steps)
 
 
-def time_torch(product: Product, steps: int) -> float:
+def torch_device_for_jax() -> str | None:
+  """The PyTorch device that matches JAX's backend ('cpu', 'cuda'), or None (TPU, no torch)."""
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return None
+  backend = jax.default_backend()
+  if backend == "cpu":
+    return "cpu"
+  if backend == "gpu" and torch.cuda.is_available():
+    return "cuda"
+  return None
+
+
+def time_torch(product: Product, steps: int, device: str = "cpu") -> float:
   import torch  # pylint: disable=g-import-not-at-top
   generator = torch.Generator().manual_seed(0)
   dtype = getattr(torch, _TORCH_DTYPES[product.dtype])
-  lhs, rhs = (torch.randn(shape, generator=generator).to(dtype)
+  lhs, rhs = (torch.randn(shape, generator=generator).to(device=device, dtype=dtype)
               for shape in (product.lhs, product.rhs))
   subscripts = product.einsum()
-  return median_seconds(lambda: torch.einsum(subscripts, lhs, rhs), steps)
+
+  def run():
+    out = torch.einsum(subscripts, lhs, rhs)
+    if device == "cuda":
+      torch.cuda.synchronize()
+    return out
+
+  return median_seconds(run, steps)
 
 
-def compare(hlo_text: str, steps: int, with_torch: bool = True,
+def compare(hlo_text: str, steps: int, torch_device: str | None = "cpu",
             progress: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
-  """Per distinct product: count, sizes and seconds in JAX (and PyTorch); the totals."""
+  """Per distinct product: count, sizes and seconds in JAX (and PyTorch on `torch_device`,
+  unless None); the totals."""
   counts, unknown_trips = products_of(hlo_text)
   rows = []
   for product, count in sorted(counts.items(), key=lambda item: -item[0].flops * item[1]):
     progress(f"{product.einsum()} {product.lhs} x {product.rhs}")
     row = {"product": product, "count": count, "jax_s": time_jax(product, steps)}
-    if with_torch:
-      row["torch_s"] = time_torch(product, steps)
+    if torch_device is not None:
+      row["torch_s"] = time_torch(product, steps, torch_device)
     rows.append(row)
   totals = {key: sum(row["count"] * row[key] for row in rows)
             for key in ("jax_s", "torch_s") if not rows or key in rows[0]}

@@ -38,6 +38,10 @@ def test_products_are_counted_per_trip_with_their_sizes():
   # a (2*3*5 x 5) @ (5 x 5) product.
   assert by_sizes == {(6, 5, 4, 5): 1, (1, 30, 5, 5): 3}
   assert sum(p.flops * n for p, n in counts.items()) == 2 * 6 * 5 * 4 * 5 + 3 * 2 * 30 * 5 * 5
+  # Without PyTorch for the device (a TPU), the table is JAX's alone.
+  result = bench_ops.compare(_hlo(_attention_and_loop, q, k, w), steps=1, torch_device=None)
+  assert [row["count"] for row in result["rows"]] == [3, 1]  # most FLOPs first
+  assert "PyTorch" not in bench_ops.format_table(result)
 
 
 def test_the_einsum_of_a_product_computes_what_xla_computes(torch_module):
@@ -69,6 +73,7 @@ def test_a_train_step_table_sums_every_product_of_the_step(torch_module):
                              np.uint8)}
   step = loop.jit_train_step(task, tx, schedule, shardings, frozen_shardings, mesh)
   compiled = step.lower(init_state(), frozen, batch).compile()
+  assert bench_ops.torch_device_for_jax() == "cpu"
   result = bench_ops.compare(compiled.as_text(), steps=1)
   # Every product of the step is in the table, and their FLOPs are XLA's own count of them.
   cost = compiled.cost_analysis()
