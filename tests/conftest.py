@@ -68,6 +68,16 @@ def tiny_config_fixture():
   return tiny_config()
 
 
+@pytest.fixture(scope="session", name="demo_data_dir")
+def demo_data_dir_fixture(tmp_path_factory):
+  """A data_dir holding the demo data set, built once per test process (6 s a build);
+  tests only read it (the digits set may be added to it on first use)."""
+  from mim_jax.data.sources import build_demo_dataset
+  path = str(tmp_path_factory.mktemp("shared_demo_tfds"))
+  build_demo_dataset(path)
+  return path
+
+
 def make_teacher(path, *, width=48, depth=3, num_heads=6, patch_size=8, image_size=32,
                  seed=1):
   """A converted (.npz) teacher ViT with random, non-trivial weights; returns its path."""

@@ -31,7 +31,7 @@ def test_there_are_configs():
 
 
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=os.path.basename)
-def test_config_builds_and_demo_runs_one_step(path, tmp_path):
+def test_config_builds_and_demo_runs_one_step(path, tmp_path, demo_data_dir):
   full = load(path, FULL_ARGS.get(os.path.basename(path)))
   distilled = full.task in ("dmae", "d2mae")
   # Validates the full recipe and builds its model (a teacher file is the user's to give).
@@ -41,7 +41,7 @@ def test_config_builds_and_demo_runs_one_step(path, tmp_path):
   demo.lock()
   demo.total_steps = 1
   demo.data.worker_count = 0
-  demo.data.data_dir = str(tmp_path / "demo_tfds")
+  demo.data.data_dir = demo_data_dir
   if distilled:  # a 12-block teacher of the demo's patch size, small to keep this fast
     demo.distill.teacher = make_teacher(tmp_path / "teacher.npz", width=32, depth=12,
                                         num_heads=4, patch_size=demo.model.patch_size,
@@ -58,12 +58,12 @@ def test_config_builds_and_demo_runs_one_step(path, tmp_path):
 
 
 @pytest.mark.slow
-def test_demo_job_end_to_end(tmp_path):
+def test_demo_job_end_to_end(tmp_path, demo_data_dir):
   workdir = tmp_path / "demo"
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
   result = subprocess.run(
       [sys.executable, "-m", "mim_jax.demo", f"--workdir={workdir}",
-       f"--config.data.data_dir={tmp_path / 'demo_tfds'}", "--config.total_steps=30",
+       f"--config.data.data_dir={demo_data_dir}", "--config.total_steps=30",
        "--config.log_every=10", "--config.image_every=30", "--config.model.depth=4",
        "--student_width=48", "--student_heads=6", "--finetune_steps=10",
        "--probe_steps=10"],

@@ -448,7 +448,7 @@ def test_cli_round_trip_and_error(tmp_path):
   assert not (tmp_path / "junk.npz").exists()
 
 
-def test_d2mae_training_workdir_exports_blocks_1_to_depth_to_timm(tmp_path):
+def test_d2mae_training_workdir_exports_blocks_1_to_depth_to_timm(tmp_path, demo_data_dir):
   """A real D²-MAE run's workdir -> .pth: timm loads it strictly and computes what the
   trained student's blocks 1..depth compute (the extra block and mapping dropped)."""
   from conftest import make_teacher, tiny_distill_config
@@ -456,7 +456,7 @@ def test_d2mae_training_workdir_exports_blocks_1_to_depth_to_timm(tmp_path):
   from mim_jax.trainer import loop
   config = tiny_distill_config(make_teacher(tmp_path / "teacher.npz"))
   config.total_steps = 1
-  config.data.data_dir = str(tmp_path / "demo_tfds")
+  config.data.data_dir = demo_data_dir
   workdir = str(tmp_path / "run")
   loop.train(config, workdir, build_task(config))
   summary = torch_io.export_to_torch(workdir, str(tmp_path / "student.pth"))

@@ -62,10 +62,11 @@ def test_short_finetune_beats_chance_and_eval_matches_numpy(tmp_path, data_dir):
   assert any("val_top5" in r for r in records)
 
 
-def test_finetune_from_a_pretraining_run_loads_every_encoder_leaf(tmp_path, data_dir):
+def test_finetune_from_a_pretraining_run_loads_every_encoder_leaf(tmp_path, data_dir,
+                                                                 demo_data_dir):
   pre = tiny_config()
   pre.total_steps = 1
-  pre.data.data_dir = str(tmp_path / "demo_tfds")
+  pre.data.data_dir = demo_data_dir
   pre_dir = str(tmp_path / "pre")
   loop.train(pre, pre_dir, build_task(pre))
   config = digits_config(data_dir)
