@@ -4,9 +4,10 @@ Used by `python -m mim_jax.bench --ops`. Each `dot` of the step's optimized XLA
 program (forward, backward, teacher, optimizer: everything the step runs) is
 re-timed alone, with its own operand shapes and dimension numbers, as a jitted
 `lax.dot_general` and as the same `torch.einsum` on the matching device (the CPU:
-PyTorch's BLAS; a GPU: cuBLAS; a TPU has no PyTorch column). Summed over the step (identical products timed once, counted as often as
-the program runs them) this says how much of the step the products take and how
-much of a gap to a PyTorch step the matrix library alone explains.
+PyTorch's BLAS; a GPU: cuBLAS; a TPU has no PyTorch column). Summed over the step
+(identical products timed once, counted as often as the program runs them) this
+says how much of the step the products take and how much of a gap to a PyTorch step
+the matrix library alone explains.
 
 A product inside a loop (`lax.scan` over blocks, gradient accumulation) counts
 once per trip; the table says so if XLA did not know a loop's trip count.
@@ -85,39 +86,39 @@ def _computations(hlo_text: str) -> dict[str, list[str]]:
   return computations
 
 
-def _runs_per_step(computations: dict[str, list[str]]) -> tuple[dict[str, int], bool]:
-  """How often each computation runs per call of ENTRY; whether a loop's trips were unknown."""
-  callers = collections.defaultdict(list)  # callee -> [(caller, factor)]
-  unknown_trips = False
+def _callees(line: str) -> list[str]:
+  """The computations an instruction calls (fusions, loops, reductions, conditionals)."""
+  callees = re.findall(r"(?:calls|body|condition|to_apply)=%([^,\s)]+)", line)
+  for branches in re.findall(r"branch_computations=\{([^}]*)\}", line):
+    callees += re.findall(r"%([^,\s]+)", branches)
+  return callees
+
+
+def _runs_per_step(computations: dict[str, list[str]]) -> tuple[dict[str, int], set[str]]:
+  """How often each computation runs per call of ENTRY, and those under a loop whose trip
+  count XLA does not know (counted as one trip)."""
+  callers = collections.defaultdict(list)  # callee -> [(caller, trips, trips known)]
   for caller, lines in computations.items():
     for line in lines:
-      trips = 1
+      trips, known = 1, True
       if " while(" in line:
-        known = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
-        trips = int(known.group(1)) if known else 1
-      for callee in re.findall(r"(?:calls|body|condition|to_apply|branch_computations)=\{?%([^,\s}]+)",
-                               line):
-        callers[callee].append((caller, trips))
-  runs = {"ENTRY": 1}
+        found = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
+        trips, known = (int(found.group(1)), True) if found else (1, False)
+      for callee in _callees(line):
+        callers[callee].append((caller, trips, known))
+  runs, uncertain = {"ENTRY": 1}, set()
 
   def runs_of(name: str) -> int:
     if name not in runs:
-      runs[name] = 0  # cycles cannot occur in HLO; this only guards the recursion
-      runs[name] = sum(runs_of(caller) * trips for caller, trips in callers[name])
+      runs[name] = 0  # HLO has no call cycles; this only guards the recursion
+      runs[name] = sum(runs_of(caller) * trips for caller, trips, _ in callers[name])
+      if any(not known or caller in uncertain for caller, _, known in callers[name]):
+        uncertain.add(name)
     return runs[name]
 
-  for name, lines in computations.items():
+  for name in computations:
     runs_of(name)
-    for line in lines:
-      if " while(" in line and '"known_trip_count"' not in line and any(
-          _DOT.match(body_line) for body_line in _loop_lines(line, computations)):
-        unknown_trips = True
-  return runs, unknown_trips
-
-
-def _loop_lines(while_line: str, computations: dict[str, list[str]]) -> list[str]:
-  body = re.search(r"body=%([^,\s]+)", while_line)
-  return computations.get(body.group(1), []) if body else []
+  return runs, uncertain
 
 
 def products_of(hlo_text: str) -> tuple[collections.Counter, bool]:
@@ -133,13 +134,14 @@ def products_of(hlo_text: str) -> tuple[collections.Counter, bool]:
       name, dtype, dims = found.groups()
       shapes[name] = (dtype, tuple(int(d) for d in dims.split(",") if d))
   computations = _computations(hlo_text)
-  runs, unknown_trips = _runs_per_step(computations)
-  counts = collections.Counter()
+  runs, uncertain = _runs_per_step(computations)
+  counts, unknown_trips = collections.Counter(), False
   for computation, lines in computations.items():
     for line in lines:
       found = _DOT.match(line)
       if not found or not runs[computation]:
         continue
+      unknown_trips |= computation in uncertain
       lhs, rhs, attributes = found.groups()
       (dtype, lhs_shape), (_, rhs_shape) = shapes[lhs], shapes[rhs]
       product = Product(dtype, lhs_shape, rhs_shape, _dims(attributes, "lhs_batch_dims"),
@@ -227,7 +229,8 @@ def format_table(result: dict[str, Any], step_ms: float | None = None, top: int 
   if len(rows) > top:
     lines.append(f"  ... {len(rows) - top} smaller products not shown (in the totals)")
   totals = result["totals"]
-  summary = f"all {sum(r['count'] for r in rows)} products per step: JAX {1e3 * totals['jax_s']:.0f} ms"
+  count = sum(row["count"] for row in rows)
+  summary = f"all {count} products per step: JAX {1e3 * totals['jax_s']:.0f} ms"
   if torch_column:
     summary += (f", the same in PyTorch {1e3 * totals['torch_s']:.0f} ms "
                 f"({totals['jax_s'] / totals['torch_s']:.2f}x)")

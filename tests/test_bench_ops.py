@@ -44,6 +44,20 @@ def test_products_are_counted_per_trip_with_their_sizes():
   assert "PyTorch" not in bench_ops.format_table(result)
 
 
+def test_a_loop_of_unknown_length_counts_once_and_the_table_says_so():
+  def until_small(x, w):
+    body = lambda carry: (jnp.tanh(carry[0] @ w), carry[1] + 1.0)
+    return jax.lax.while_loop(lambda carry: carry[1] < carry[0][0, 0] + 3.0, body, (x, 0.0))[0]
+
+  hlo = _hlo(until_small, jnp.ones((4, 4)), jnp.ones((4, 4)))
+  counts, unknown_trips = bench_ops.products_of(hlo)
+  assert unknown_trips
+  assert {product.sizes: count for product, count in counts.items()} == {(1, 4, 4, 4): 1}
+  table = bench_ops.format_table(bench_ops.compare(hlo, steps=1, torch_device=None))
+  assert table.splitlines()[-1] == ("a loop of the program has no known trip count: "
+                                    "its products count once")
+
+
 def test_the_einsum_of_a_product_computes_what_xla_computes(torch_module):
   rng = np.random.default_rng(0)
   q, k = (rng.standard_normal((2, 5, 3, 4)).astype(np.float32) for _ in range(2))
