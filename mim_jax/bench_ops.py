@@ -18,7 +18,7 @@ import dataclasses
 import math
 import re
 import string
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import numpy as np
@@ -27,7 +27,8 @@ from mim_jax.step_breakdown import median_seconds
 
 _SHAPE = re.compile(r"^\s*(?:ROOT )?%(\S+) = (\w+)\[([\d,]*)\]")
 _DOT = re.compile(r"^\s*(?:ROOT )?%\S+ = \S+ dot\(%([^,\s]+), %([^,\s)]+)\)(.*)$")
-_TORCH_DTYPES = {"f32": "float32", "bf16": "bfloat16", "f16": "float16", "f64": "float64"}
+_DTYPE_NAMES = {  # XLA element type -> numpy / torch dtype name
+    "f32": "float32", "bf16": "bfloat16", "f16": "float16", "f64": "float64"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,7 +155,7 @@ def products_of(hlo_text: str) -> tuple[collections.Counter, bool]:
 
 def time_jax(product: Product, steps: int) -> float:
   rng = np.random.default_rng(0)
-  dtype = jax.numpy.dtype(_TORCH_DTYPES[product.dtype])
+  dtype = jax.numpy.dtype(_DTYPE_NAMES[product.dtype])
   lhs, rhs = (jax.device_put(rng.standard_normal(shape).astype(dtype))
               for shape in (product.lhs, product.rhs))
   numbers = ((product.lhs_contract, product.rhs_contract), (product.lhs_batch, product.rhs_batch))
@@ -179,7 +180,7 @@ def torch_device_for_jax() -> str | None:
 def time_torch(product: Product, steps: int, device: str = "cpu") -> float:
   import torch  # pylint: disable=g-import-not-at-top
   generator = torch.Generator().manual_seed(0)
-  dtype = getattr(torch, _TORCH_DTYPES[product.dtype])
+  dtype = getattr(torch, _DTYPE_NAMES[product.dtype])
   lhs, rhs = (torch.randn(shape, generator=generator).to(device=device, dtype=dtype)
               for shape in (product.lhs, product.rhs))
   subscripts = product.einsum()
@@ -193,20 +194,18 @@ def time_torch(product: Product, steps: int, device: str = "cpu") -> float:
   return median_seconds(run, steps)
 
 
-def compare(hlo_text: str, steps: int, torch_device: str | None = "cpu",
-            progress: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
+def compare(hlo_text: str, steps: int, torch_device: str | None = "cpu") -> dict[str, Any]:
   """Per distinct product: count, sizes and seconds in JAX (and PyTorch on `torch_device`,
   unless None); the totals."""
   counts, unknown_trips = products_of(hlo_text)
   rows = []
   for product, count in sorted(counts.items(), key=lambda item: -item[0].flops * item[1]):
-    progress(f"{product.einsum()} {product.lhs} x {product.rhs}")
     row = {"product": product, "count": count, "jax_s": time_jax(product, steps)}
     if torch_device is not None:
       row["torch_s"] = time_torch(product, steps, torch_device)
     rows.append(row)
-  totals = {key: sum(row["count"] * row[key] for row in rows)
-            for key in ("jax_s", "torch_s") if not rows or key in rows[0]}
+  keys = ("jax_s",) if torch_device is None else ("jax_s", "torch_s")
+  totals = {key: sum(row["count"] * row[key] for row in rows) for key in keys}
   return {"rows": rows, "totals": totals, "unknown_trips": unknown_trips}
 
 
