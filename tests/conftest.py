@@ -33,32 +33,30 @@ def shipped_config(file_name, arg=None):
   return module.get_config(arg)
 
 
+# The tiny model and run both helpers below make (a 2-block, 32-wide ViT on 32-px images).
+TINY_RUN = {"image_size": 32, "batch_size": 16, "warmup_steps": 2, "log_every": 1,
+            "image_every": 0, "model.variant": "", "model.patch_size": 8, "model.width": 32,
+            "model.depth": 2, "model.num_heads": 4, "mae.decoder.width": 16,
+            "mae.decoder.num_heads": 2}
+
+
 def tiny_cli_flags(demo_dir, **overrides):
-  """`--config.key=value` flags turning configs/mae_vit_tiny.py:demo into a tiny run (a
-  2-block, 32-wide ViT on 32-px demo images, 8 steps); `overrides` replace any value."""
-  values = dict(image_size=32, batch_size=16, total_steps=8, warmup_steps=2, log_every=1,
-                checkpoint_every=2, image_every=0, **{
-                    "model.variant": "", "model.patch_size": 8, "model.width": 32,
-                    "model.depth": 2, "model.num_heads": 4, "mae.decoder.width": 16,
-                    "mae.decoder.num_heads": 2, "data.worker_count": 1,
-                    "data.data_dir": demo_dir})
+  """`--config.key=value` flags turning configs/mae_vit_tiny.py:demo into a tiny run
+  (TINY_RUN, 8 steps); `overrides` replace any value."""
+  values = dict(TINY_RUN, total_steps=8, checkpoint_every=2, **{
+      "data.worker_count": 1, "data.data_dir": demo_dir})
   values.update(overrides)
   return [f"--config.{k}={v}" for k, v in values.items()]
 
 
 def tiny_config():
-  """The demo recipe shrunk to a 2-block, 32-wide model on 32 px images (fast on CPU)."""
+  """The demo recipe shrunk to TINY_RUN, 6 steps (fast on CPU)."""
   from mim_jax import config_defaults
   config = config_defaults.demo_overrides(config_defaults.base_config())
-  config.image_size = 32
-  config.model.update(variant="", patch_size=8, width=32, depth=2, num_heads=4)
-  config.mae.decoder.update(width=16, depth=1, num_heads=2)
-  config.batch_size = 16
+  config.update_from_flattened_dict(TINY_RUN)
+  config.mae.decoder.depth = 1
   config.total_steps = 6
-  config.warmup_steps = 2
-  config.log_every = 1
   config.checkpoint_every = 3
-  config.image_every = 0
   config.data.worker_count = 0
   return config
 
